@@ -1,0 +1,1 @@
+"""The four actors of the pipeline: intake → router → chunker → broadcaster."""

@@ -1,0 +1,218 @@
+"""The `speechcast` command: serve the daemon, say something, listen to the stream,
+print the effective configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import urllib.parse
+import wave
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from pipeline import __version__, protocol
+from pipeline.audio import read_wav
+from pipeline.config import ConfigError, add_setting_flags, load_settings
+from pipeline.logs import configure_logging
+
+DEFAULT_URL = "ws://127.0.0.1:8765"
+EXIT_CONFIG = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechcast",
+        description="A speech daemon: text in over WebSocket or HTTP, audio streamed to every subscriber.",
+    )
+    parser.add_argument("--version", action="version", version=f"speechcast {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon until SIGINT/SIGTERM",
+        description="Run the daemon. Every setting can also come from SPEECHCAST_<NAME> or the --config file; "
+        "flags beat environment beats file beats defaults.",
+    )
+    serve.add_argument("--config", metavar="FILE", help="TOML file with settings (flat keys, e.g. port = 8765)")
+    add_setting_flags(serve)
+
+    say = commands.add_parser(
+        "say",
+        help="speak one text and wait until it has been spoken",
+        description="Send TEXT on a control-only connection, wait for its utterance_finished, print one "
+        "summary line. Exits 1 if the daemon reports an error or the utterance was not spoken in full.",
+    )
+    say.add_argument("text", metavar="TEXT")
+    say.add_argument("--url", default=DEFAULT_URL, help=f"daemon WebSocket URL (default {DEFAULT_URL})")
+    say.add_argument("--voice", help="voice name of the provider")
+    say.add_argument("--speed", type=float, help="speaking speed, 0.25 to 4.0")
+    say.add_argument("--provider", choices=protocol.PROVIDER_NAMES, help="one-off provider for this text")
+    say.add_argument("--token", help="control token, when the daemon requires one")
+    say.add_argument("--timeout", type=float, default=120.0, help="seconds to wait in all (default 120)")
+
+    listen = commands.add_parser(
+        "listen",
+        help="subscribe and write the next utterances' audio to a WAV file",
+        description="Subscribe to the daemon and write the audio of the next COUNT utterances to one WAV file.",
+    )
+    listen.add_argument("--url", default=DEFAULT_URL, help=f"daemon WebSocket URL (default {DEFAULT_URL})")
+    listen.add_argument("--out", required=True, metavar="FILE.wav", help="WAV file to write")
+    listen.add_argument("--count", type=int, default=1, help="utterances to record (default 1)")
+    listen.add_argument("--token", help="listen token, when the daemon requires one")
+
+    config = commands.add_parser("config", help="show the effective settings (secrets masked)")
+    config.add_argument("--print", action="store_true", required=True, help="print the effective settings as JSON")
+    config.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    add_setting_flags(config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("serve", "config"):
+        return _serve_or_print(args)
+    if args.command == "say":
+        return trio.run(say, args)
+    return trio.run(listen, args)
+
+
+def _serve_or_print(args: argparse.Namespace) -> int:
+    unknown: list[str] = []
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print")}
+    try:
+        settings = load_settings(flags, os.environ, args.config, warn=lambda _event, name: unknown.append(name))
+    except ConfigError as e:
+        print(f"speechcast: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "config":
+        print(json.dumps(settings.masked(), indent=2))
+        return 0
+    configure_logging(settings.log_format)
+    log = structlog.get_logger()
+    for name in unknown:
+        log.warning("config.unknown_variable", variable=name)
+    if settings.is_public_without_tokens():
+        log.warning("daemon.public_without_tokens", host=settings.host, hint="set control_token and listen_token")
+    from pipeline.daemon import serve
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(serve, settings)
+                async for signum in signals:
+                    log.info("daemon.stopping", signal=signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+        log.info("daemon.stopped")
+
+    trio.run(run)
+    return 0
+
+
+# ---------------------------------------------------------------- clients
+
+
+def with_query(url: str, **params: str | None) -> str:
+    """`url` with the given query parameters set (None values left out)."""
+    parts = urllib.parse.urlsplit(url)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    query.update({k: v for k, v in params.items() if v is not None})
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path or "/", query=urllib.parse.urlencode(query)))
+
+
+def _fail(message: str) -> int:
+    print(f"speechcast: {message}", file=sys.stderr)
+    return 1
+
+
+async def say(args: argparse.Namespace) -> int:
+    request: dict[str, Any] = {"type": "send_message", "text": args.text}
+    for field in ("voice", "speed", "provider"):
+        if getattr(args, field) is not None:
+            request[field] = getattr(args, field)
+    url = with_query(args.url, subscribe="0", token=args.token)
+    try:
+        with trio.fail_after(args.timeout):
+            async with open_websocket_url(url) as ws:
+                await ws.send_message(json.dumps(request))
+                return await _await_spoken(ws)
+    except trio.TooSlowError:
+        return _fail(f"gave up after {args.timeout:g} s without utterance_finished")
+    except (OSError, HandshakeError) as e:
+        return _fail(f"cannot connect to {args.url} ({e}); is `speechcast serve` running?")
+    except ConnectionClosed as e:
+        return _fail(f"the daemon closed the connection ({e.reason})")
+
+
+async def _await_spoken(ws: Any) -> int:
+    utterance_id = None
+    errors = 0
+    while True:
+        message = await ws.get_message()
+        if isinstance(message, bytes):
+            continue
+        event = json.loads(message)
+        kind = event.get("type")
+        if kind == "error" and event.get("utterance_id") in (None, utterance_id):
+            print(f"error {event['code']}: {event['message']}", file=sys.stderr)
+            if utterance_id is None:
+                return 1
+            errors += 1
+        elif kind == "accepted":
+            utterance_id = event["utterance_id"]
+        elif kind == "utterance_finished" and event["utterance_id"] == utterance_id:
+            ttfa = event.get("ttfa_ms")
+            print(
+                f"{utterance_id} {event['status']}: {event['chunks']} chunks, "
+                f"{event['audio_ms'] / 1000:.2f} s of audio"
+                + (f", first audio after {ttfa:.0f} ms" if ttfa is not None else "")
+            )
+            return 0 if event["status"] == "ok" and not errors else 1
+
+
+async def listen(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        return _fail("--count must be at least 1")
+    url = with_query(args.url, format="wav", token=args.token)
+    pcm = bytearray()
+    rate: int | None = None
+    done = 0
+    try:
+        async with open_websocket_url(url) as ws:
+            print(f"listening on {args.url} for {args.count} utterance(s)…", file=sys.stderr)
+            while done < args.count:
+                message = await ws.get_message()
+                if isinstance(message, bytes):
+                    chunk_rate, audio = read_wav(protocol.decode_voice_frame(message).audio)
+                    if rate not in (None, chunk_rate):
+                        return _fail(f"sample rate changed from {rate} to {chunk_rate}")
+                    rate = chunk_rate
+                    pcm += audio
+                    continue
+                event = json.loads(message)
+                if event.get("type") == "utterance_finished":
+                    done += 1
+                    print(f"{event['utterance_id']} {event['status']}: {event['audio_ms'] / 1000:.2f} s", file=sys.stderr)
+    except (OSError, HandshakeError) as e:
+        return _fail(f"cannot connect to {args.url} ({e}); is `speechcast serve` running?")
+    except ConnectionClosed as e:
+        return _fail(f"the daemon closed the connection ({e.reason})")
+    with wave.open(args.out, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate or 24000)
+        out.writeframes(bytes(pcm))
+    print(f"wrote {args.out}: {len(pcm) / 2 / (rate or 24000):.2f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The session commands, mirroring the seed's enum, as immutable typed values.
+
+Intake turns client JSON into these; the router acts on them. Every command is a
+frozen dataclass, so a command can be passed between tasks without copying.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class TTSProvider(str, enum.Enum):
+    """The speech providers the daemon knows by name."""
+
+    PIPER = "piper"
+    KOKOROS = "kokoros"
+    OPENAI = "openai"
+
+
+@dataclass(frozen=True)
+class Initialize:
+    """(Re)open the session: load and check the current provider, then broadcast `ready`."""
+
+
+@dataclass(frozen=True)
+class SendMessage:
+    """Queue one utterance; `provider` is a one-off choice for this utterance only."""
+
+    text: str
+    voice: str | None = None
+    speed: float | None = None
+    provider: TTSProvider | None = None
+
+
+@dataclass(frozen=True)
+class SetTTSProvider:
+    """Switch the provider for the next utterance."""
+
+    provider: TTSProvider
+
+
+@dataclass(frozen=True)
+class Close:
+    """Stop accepting, finish the queue, release the provider, broadcast `closed`."""
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop the speaking utterance; with `all`, drop the queued ones too (extension)."""
+
+    all: bool = False
+
+
+Command = Initialize | SendMessage | SetTTSProvider | Close | Cancel

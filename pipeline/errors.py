@@ -1,0 +1,85 @@
+"""The one exception tree of speechcast; each error knows its protocol error code.
+
+    SpeechError                      code
+    ├── CommandError                 invalid_json · invalid_command · empty_text ·
+    │                                text_too_long · unknown_provider · binary_not_accepted
+    ├── SessionError                 not_initialized · queue_full · unauthorized · rate_limited
+    └── ProviderError                provider_failed (the base of every provider trouble)
+        ├── ProviderUnavailable      provider_unavailable: not configured, not reachable,
+        │                            circuit open; nothing was synthesized
+        └── ProviderFailed           provider_failed: the request was made and went wrong
+            ├── ProviderHTTPError    a 4xx/5xx answer (`status`, `retryable`, `retry_after`)
+            ├── ProviderTimeout      connect, first byte or stall timeout
+            └── ProviderEmptyAudio   a successful answer that carried no audio
+
+Messages are written for the person reading the event: what went wrong and what to do.
+They never contain secrets (API keys are never formatted into them).
+"""
+
+from __future__ import annotations
+
+
+class SpeechError(Exception):
+    """Base of every error speechcast reports to a client."""
+
+    code = "provider_failed"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class CommandError(SpeechError):
+    """A client message that cannot be turned into a command."""
+
+    code = "invalid_command"
+
+
+class SessionError(SpeechError):
+    """A valid command the session cannot take now."""
+
+    code = "not_initialized"
+
+
+class ProviderError(SpeechError):
+    """Any trouble with a TTS provider."""
+
+    code = "provider_failed"
+    retryable = False
+    retry_after: float | None = None
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider cannot be used at all (not configured, unreachable, circuit open)."""
+
+    code = "provider_unavailable"
+    retryable = True
+
+
+class ProviderFailed(ProviderError):
+    """A request to the provider was made and went wrong."""
+
+    code = "provider_failed"
+    retryable = True
+
+
+class ProviderHTTPError(ProviderFailed):
+    """The provider answered with an HTTP error status."""
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        # 4xx means the request itself is wrong; repeating it cannot help, except
+        # 408 (request timeout) and 429 (rate limited), which are about timing.
+        self.retryable = status >= 500 or status in (408, 429)
+
+
+class ProviderTimeout(ProviderFailed):
+    """Connecting, waiting for the first byte, or waiting between bytes took too long."""
+
+
+class ProviderEmptyAudio(ProviderFailed):
+    """The provider answered successfully but sent no audio (Kokoros' unknown voice)."""

@@ -1,0 +1,85 @@
+"""The configured providers of one daemon, each with its circuit breaker.
+
+The router asks it for a provider by name; `speaking` asks whether a provider is usable
+now (its circuit is closed, or its cool-down has passed and a probe succeeded) and
+reports each piece's success or failure.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from pipeline.commands import TTSProvider
+from pipeline.config import Settings
+from pipeline.errors import ProviderError
+from pipeline.providers.base import Provider
+from pipeline.providers.breaker import CircuitBreaker
+
+log = structlog.get_logger()
+
+
+class ProviderSet:
+    """Providers by name plus one CircuitBreaker each.
+
+    Error handling: `usable` never raises; a failed probe keeps the circuit open.
+    """
+
+    def __init__(self, providers: dict[TTSProvider, Provider], settings: Settings) -> None:
+        self._providers = providers
+        self._breakers = {
+            name: CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown) for name in providers
+        }
+
+    def get(self, name: TTSProvider) -> Provider:
+        return self._providers[name]
+
+    def unavailable_reason(self, name: TTSProvider) -> str | None:
+        """Why `name` cannot be chosen at all (not configured), or None."""
+        provider = self._providers.get(name)
+        if provider is None:
+            return f"{name.value} is not configured in this daemon"
+        return provider.unavailable_reason()
+
+    async def usable(self, name: TTSProvider) -> bool:
+        """True when `name` may be used for the next piece (probing it after a cool-down)."""
+        if self.unavailable_reason(name) is not None:
+            return False
+        breaker = self._breakers[name]
+        if not breaker.allow():
+            return False
+        if breaker.needs_probe:
+            try:
+                await self._providers[name].check()
+            except ProviderError as e:
+                breaker.record_failure()
+                log.warning("provider.probe_failed", provider=name.value, error=e.message)
+                return False
+            breaker.record_success()
+            log.info("provider.probe_succeeded", provider=name.value)
+        return True
+
+    def record_success(self, name: TTSProvider) -> None:
+        self._breakers[name].record_success()
+
+    def record_failure(self, name: TTSProvider) -> None:
+        self._breakers[name].record_failure()
+
+    async def aclose(self) -> None:
+        """Release every provider (Close, shutdown)."""
+        for provider in self._providers.values():
+            await provider.aclose()
+
+
+def default_providers(settings: Settings) -> ProviderSet:
+    """Every provider, configured from `settings` (the HTTP ones open their client lazily)."""
+    from pipeline.providers.openai_compat import kokoros_provider, openai_provider
+    from pipeline.providers.piper import PiperProvider
+
+    return ProviderSet(
+        {
+            TTSProvider.PIPER: PiperProvider(settings.piper_speed),
+            TTSProvider.KOKOROS: kokoros_provider(settings),
+            TTSProvider.OPENAI: openai_provider(settings),
+        },
+        settings,
+    )

@@ -1,0 +1,227 @@
+"""Speaking one utterance: split it into pieces, synthesize them in order with bounded
+lookahead, and fail over to the next provider when one breaks.
+
+The router calls `speak` for each utterance; everything it produces goes to the chunker
+through `emit`: UtteranceBegin just before the first audio, then Audio, plus `error`
+events for provider failures. It returns the utterance's status (ok · partial · failed).
+Cancellation (the router's per-utterance cancel scope) stops every synthesis at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from pipeline import protocol
+from pipeline.audio import Resampler, SampleAligner
+from pipeline.commands import TTSProvider
+from pipeline.errors import ProviderError, ProviderFailed
+from pipeline.flow import Audio, Event, Speech, UtteranceBegin
+from pipeline.providers.base import Provider
+from pipeline.providers.registry import ProviderSet
+from pipeline.text import split_pieces
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One accepted send_message."""
+
+    id: str
+    text: str
+    voice: str | None
+    speed: float | None
+    provider: TTSProvider | None  # a one-off choice; None = the session's current one
+    owner: int
+    received_at: float
+
+
+@dataclass
+class _Piece:
+    """One piece being synthesized: its text, provider and the audio it has produced."""
+
+    index: int
+    text: str
+    provider: TTSProvider
+    audio: trio.MemoryReceiveChannel[bytes | ProviderError]
+    scope: trio.CancelScope
+
+
+class Speaker:
+    """Speaks utterances on a ProviderSet, at the daemon's output sample rate."""
+
+    def __init__(
+        self,
+        providers: ProviderSet,
+        *,
+        sample_rate: int,
+        fallback: tuple[str, ...],
+        lookahead: int,
+        short_first_piece: bool,
+    ) -> None:
+        self.providers = providers
+        self.sample_rate = sample_rate
+        self.fallback = tuple(TTSProvider(p) for p in fallback)
+        self.lookahead = lookahead
+        self.short_first_piece = short_first_piece
+
+    def chain(self, first: TTSProvider) -> list[TTSProvider]:
+        """The providers to try, in order: the chosen one, then the fallback list."""
+        return [first] + [p for p in self.fallback if p != first]
+
+    async def speak(self, utt: Utterance, first: TTSProvider, emit: Callable[[Speech], Awaitable[None]]) -> str:
+        texts = [p.strip() for p in split_pieces(utt.text, short_first=self.short_first_piece)]
+        chain = self.chain(first)
+        run = _Run(self, utt, chain, emit)
+        async with trio.open_nursery() as nursery:
+            run.nursery = nursery
+            status = await run.all_pieces(texts)
+            nursery.cancel_scope.cancel()  # lookahead jobs of pieces never needed
+        return status
+
+
+class _Run:
+    """The state of one `speak` call (kept out of Speaker so Speaker stays reusable)."""
+
+    nursery: trio.Nursery
+
+    def __init__(self, speaker: Speaker, utt: Utterance, chain: list[TTSProvider], emit: Callable[[Speech], Awaitable[None]]) -> None:
+        self.speaker, self.utt, self.chain, self.emit = speaker, utt, chain, emit
+        self.position = 0  # index in chain of the provider now speaking
+        self.began = False
+        self.resampler: Resampler | None = None
+        self.resampler_provider: TTSProvider | None = None
+        self.lost_text = False
+
+    async def current(self) -> TTSProvider | None:
+        """The provider to use now: the first usable one from `position` on the chain."""
+        while self.position < len(self.chain):
+            name = self.chain[self.position]
+            if await self.speaker.providers.usable(name):
+                return name
+            self.position += 1
+        return None
+
+    def _start(self, index: int, text: str, name: TTSProvider) -> _Piece:
+        send, receive = trio.open_memory_channel[bytes | ProviderError](math.inf)
+        scope = trio.CancelScope()
+        provider = self.speaker.providers.get(name)
+        self.nursery.start_soon(_synthesize_piece, provider, text, self.utt, send, scope)
+        return _Piece(index, text, name, receive, scope)
+
+    async def all_pieces(self, texts: list[str]) -> str:
+        jobs: dict[int, _Piece] = {}
+        index = 0
+        while index < len(texts):
+            name = await self.current()
+            if name is None:
+                self.lost_text = True
+                break
+            # Keep `lookahead` pieces synthesizing beyond the one streaming out.
+            for ahead in range(index, min(len(texts), index + 1 + self.speaker.lookahead)):
+                if ahead not in jobs:
+                    jobs[ahead] = self._start(ahead, texts[ahead], name)
+            job = jobs.pop(index)
+            sent_any, failure = await self._stream(job)
+            if failure is None:
+                self.speaker.providers.record_success(job.provider)
+                index += 1
+                continue
+            await self._report(job.provider, failure)
+            # Lookahead jobs on the failed provider are restarted on the next one.
+            for later in [k for k, j in jobs.items() if j.provider == job.provider]:
+                jobs.pop(later).scope.cancel()
+            if sent_any:
+                # A piece that broke off midway is not repeated: continue with the next.
+                self.lost_text = True
+                index += 1
+        await self._flush()
+        if not self.began:
+            return "failed"
+        return "partial" if self.lost_text else "ok"
+
+    async def _stream(self, job: _Piece) -> tuple[bool, ProviderError | None]:
+        """Forward one piece's audio; returns (any audio sent, the failure or None)."""
+        aligner = SampleAligner()
+        sent_any = False
+        async for item in job.audio:
+            if isinstance(item, ProviderError):
+                return sent_any, item
+            pcm = aligner.feed(item)
+            if pcm:
+                await self._send_pcm(job.provider, pcm)
+                sent_any = True
+        if not sent_any:
+            return False, ProviderFailed(f"{job.provider.value} produced no audio for the piece")
+        return True, None
+
+    async def _send_pcm(self, name: TTSProvider, pcm: bytes) -> None:
+        if self.resampler_provider != name:
+            await self._flush()
+            rate = self.speaker.providers.get(name).sample_rate
+            self.resampler = Resampler(rate, self.speaker.sample_rate)
+            self.resampler_provider = name
+        assert self.resampler is not None
+        await self._emit_audio(self.resampler.feed(pcm), name)
+
+    async def _flush(self) -> None:
+        if self.resampler is not None and self.resampler_provider is not None:
+            await self._emit_audio(self.resampler.flush(), self.resampler_provider)
+        self.resampler = self.resampler_provider = None
+
+    async def _emit_audio(self, pcm: bytes, name: TTSProvider) -> None:
+        if not pcm:
+            return
+        if not self.began:
+            self.began = True
+            provider = self.speaker.providers.get(name)
+            await self.emit(
+                UtteranceBegin(self.utt.id, name, self.utt.voice or provider.default_voice, self.utt.owner, self.utt.received_at)
+            )
+        await self.emit(Audio(self.utt.id, pcm))
+
+    async def _report(self, name: TTSProvider, failure: ProviderError) -> None:
+        self.speaker.providers.record_failure(name)
+        self.position += 1
+        successor = await self.current()
+        recovered = successor is not None
+        log.warning("provider.failed", provider=name.value, code=failure.code, error=failure.message, recovered=recovered)
+        text = f"{name.value} failed: {failure.message}"
+        if successor is not None:
+            text += f"; continuing with {successor.value}"
+            log.info("provider.recovered", failed=name.value, provider=successor.value)
+        await self.emit(
+            Event(
+                protocol.error(failure.code, text, utterance_id=self.utt.id, recovered=recovered),
+                utterance_id=self.utt.id,
+            )
+        )
+
+
+async def _synthesize_piece(
+    provider: Provider,
+    text: str,
+    utt: Utterance,
+    out: trio.MemorySendChannel[bytes | ProviderError],
+    scope: trio.CancelScope,
+) -> None:
+    """Run one provider on one piece, passing audio (or the failure) into `out`."""
+    async with out:
+        with scope:
+            try:
+                stream: AsyncIterator[bytes] = provider.synthesize(text, utt.voice, utt.speed)
+                async with aclosing(stream):  # type: ignore[type-var]
+                    async for pcm in stream:
+                        if pcm:
+                            await out.send(pcm)
+            except ProviderError as e:
+                await out.send(e)
+            except Exception as e:  # a provider bug must not take the daemon down
+                log.exception("provider.crashed", provider=provider.name.value)
+                await out.send(ProviderFailed(f"{provider.name.value} crashed: {type(e).__name__}"))
