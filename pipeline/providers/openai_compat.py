@@ -1,0 +1,533 @@
+"""The OpenAI-compatible streaming speech client, configured as two providers: kokoros, openai.
+
+Both servers take `POST {base_url}/v1/audio/speech` and answer PCM s16le mono at 24 kHz,
+streamed; this module sends that request with httpx, passes the audio on as it arrives
+and turns every way the exchange can go wrong into a typed `pipeline.errors` error whose
+message says what happened and what to do.
+
+Decisions (see DESIGN.md section 5):
+- A refused connection (nothing listening, unknown host) is `ProviderUnavailable` and is
+  not retried: the fallback provider speaks at once and the circuit breaker learns.
+- Connect, first-byte and stall timeouts are `ProviderTimeout`; an HTTP error status is
+  `ProviderHTTPError` with the server's own message; a 200 without audio (Kokoros' answer
+  to an unknown voice) is `ProviderEmptyAudio`; a body that breaks off is `ProviderFailed`.
+- Retries (exponential backoff with jitter, or the server's `Retry-After` up to
+  `retry_after_cap`) happen only before any audio was yielded, at most `max_retries`
+  times, and never for a 4xx other than 408 and 429, an empty answer or a refused
+  connection.
+- The body is sniffed: raw PCM passes through untouched; a RIFF/WAVE body (Kokoros
+  without `stream`, or a server that ignores `response_format`) is converted to s16le
+  mono 24 kHz incrementally, read until EOF whatever its size fields say.
+- OpenAI gets no `stream` field (its API has none: it always streams); Kokoros needs
+  `"stream": true` or it answers a whole WAV file at the end.
+
+Longer than ~300 lines on purpose: besides the client (~250 lines) it holds the reading of
+error bodies and the incremental WAV reader, which serve only this client. If another
+provider ever needs the WAV reader, `_AudioDecoder` is the piece to move out.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+import struct
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from typing import Any, Final, cast
+
+import httpx
+import numpy as np
+import structlog
+import trio
+
+from pipeline import __version__
+from pipeline.audio import Resampler
+from pipeline.commands import TTSProvider
+from pipeline.config import Settings
+from pipeline.errors import (
+    ProviderEmptyAudio,
+    ProviderError,
+    ProviderFailed,
+    ProviderHTTPError,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from pipeline.providers.base import Provider
+
+SAMPLE_RATE: Final = 24000  # what Kokoros and OpenAI both send as "pcm"
+SPEECH_PATH: Final = "/v1/audio/speech"
+BACKOFF_BASE: Final = 0.25  # first retry after 0.25–0.5 s, then 0.5–1 s, …
+ERROR_BODY_LIMIT: Final = 64 * 1024  # past this an error page only repeats itself
+DETAIL_LIMIT: Final = 300  # characters of a server's error message worth showing
+WAV_HEADER_LIMIT: Final = 1 << 20  # a WAV header chunk larger than this is not speech
+# Answers that are certainly not PCM or WAV (we ask for "pcm"; some servers ignore it).
+NOT_AUDIO_TYPES: Final = ("audio/mpeg", "audio/mp3", "audio/ogg", "audio/opus", "audio/aac",
+                          "audio/flac", "audio/webm", "application/json", "text/")
+NOT_PCM_MAGIC: Final = {b"ID3": "mp3", b"OggS": "ogg", b"fLaC": "flac"}
+# (WAV format tag, bits per sample) -> numpy dtype and the factor to the s16 range.
+WAV_ENCODINGS: Final = {(1, 16): ("<i2", 1.0), (1, 32): ("<i4", 1 / 65536),
+                        (3, 32): ("<f4", 32767.0), (3, 64): ("<f8", 32767.0)}
+WAVE_FORMAT_EXTENSIBLE: Final = 0xFFFE
+LABELS: Final = {TTSProvider.KOKOROS: "Kokoros", TTSProvider.OPENAI: "OpenAI"}
+START_HINTS: Final = {
+    TTSProvider.KOKOROS: "start `koko openai` (or Kokoro-FastAPI) there or set SPEECHCAST_KOKOROS_URL",
+    TTSProvider.OPENAI: "check the network or set SPEECHCAST_OPENAI_URL",
+}
+# An OpenAI-style key as a server might echo it back (OpenAI shows a masked form).
+KEY_PATTERN: Final = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{4,}")
+
+log = structlog.get_logger(__name__)
+
+
+class OpenAICompatProvider(Provider):
+    """A provider speaking the OpenAI speech API over HTTP (Kokoros, Kokoro-FastAPI, OpenAI).
+
+    Resource handling: `open` creates one `httpx.AsyncClient` (idempotent), `aclose`
+    closes it; a `trio.CapacityLimiter` of `settings.http_parallel` bounds the requests
+    in flight. Leaving a `synthesize` iterator early (cancellation, `aclose`) closes its
+    connection at once, so the server stops working on it.
+
+    Error handling: every failure is a `ProviderError` (see the module docstring); the
+    API key appears in no message, log line or repr.
+    """
+
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, name: TTSProvider, *, base_url: str, model: str, voice: str, speed: float,
+                 api_key: str | None, settings: Settings,
+                 transport: httpx.AsyncBaseTransport | None = None, check_path: str,
+                 send_stream_flag: bool = True) -> None:
+        self.name = name
+        # "https://api.openai.com/v1" is how the OpenAI SDKs spell the base; accept it too.
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.model = model
+        self.default_voice = voice
+        self.default_speed = speed
+        self.max_parallel = settings.http_parallel
+        self._api_key = api_key
+        self._settings = settings
+        self._transport = transport
+        self._check_path = check_path
+        self._send_stream_flag = send_stream_flag
+        self._limiter = trio.CapacityLimiter(settings.http_parallel)
+        self._client: httpx.AsyncClient | None = None
+        self._random = random.Random()
+        self._label = LABELS.get(name, str(name.value))
+        self._hint = START_HINTS.get(name, f"set SPEECHCAST_{name.value.upper()}_URL")
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "not set"
+        return (f"OpenAICompatProvider({self.name.value!r}, base_url={self.base_url!r}, "
+                f"model={self.model!r}, voice={self.default_voice!r}, api_key={key})")
+
+    def unavailable_reason(self) -> str | None:
+        if self.name is TTSProvider.OPENAI and not self._api_key:
+            return ("OPENAI_API_KEY is not set; set it in the daemon's environment to use "
+                    "the openai provider")
+        return None
+
+    async def open(self) -> None:
+        if self._client is None:
+            s = self._settings
+            # httpx only times the connect; the first-byte and stall limits are trio
+            # deadlines around each read, so they follow trio's (mock) clock.
+            timeout = httpx.Timeout(None, connect=s.connect_timeout)
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=s.http_parallel)
+            self._client = httpx.AsyncClient(
+                transport=self._transport, timeout=timeout, limits=limits, follow_redirects=False,
+                headers={"user-agent": f"speechcast/{__version__}"})
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    async def check(self) -> None:
+        """GET the health path: any answer below 500 means reachable, except a rejected key.
+
+        Error handling: raises `ProviderUnavailable` naming the URL and what to do.
+        """
+        if reason := self.unavailable_reason():
+            raise ProviderUnavailable(reason)
+        await self.open()
+        assert self._client is not None
+        url = self.base_url + self._check_path
+        limit = self._settings.connect_timeout + self._settings.first_byte_timeout
+        try:
+            with trio.move_on_after(limit) as waiting:
+                response = await self._client.get(url, headers=self._auth_headers())
+        except httpx.HTTPError as error:
+            raise ProviderUnavailable(self._transport_message(error)) from error
+        if waiting.cancelled_caught:
+            raise ProviderUnavailable(f"{self._label} at {url} did not answer within {limit:g} s; {self._hint}")
+        status = response.status_code
+        if status in (401, 403):
+            detail = self._scrub(_error_detail(response.content))
+            raise ProviderUnavailable(f"{self._label} at {url} refused access (HTTP {status}: "
+                                      f"{detail or 'no details'}); {self._auth_hint()}")
+        if status >= 500:
+            raise ProviderUnavailable(f"{self._label} at {url} is not healthy (HTTP {status}); "
+                                      "look at the server's log")
+
+    async def synthesize(self, text: str, voice: str | None = None,
+                         speed: float | None = None) -> AsyncGenerator[bytes, None]:
+        """Yield PCM s16le mono 24 kHz bytes for `text` as they arrive from the server."""
+        if reason := self.unavailable_reason():
+            raise ProviderUnavailable(reason)
+        await self.open()
+        voice = voice or self.default_voice
+        payload: dict[str, Any] = {"model": self.model, "input": text, "voice": voice,
+                                   "response_format": "pcm",
+                                   "speed": self.default_speed if speed is None else speed}
+        if self._send_stream_flag:
+            payload["stream"] = True
+        # A token of our own, so the slot is released even if the generator is finalized
+        # by another task than the one that started it.
+        borrower = object()
+        # The slot is kept through retry waits: a server that asked us to wait gains
+        # nothing from the same daemon's other requests.
+        await self._limiter.acquire_on_behalf_of(borrower)
+        try:
+            for attempt in itertools.count():
+                yielded = False
+                try:
+                    async with aclosing(self._stream_once(payload, voice)) as pieces:
+                        async for piece in pieces:
+                            yielded = True
+                            yield piece
+                    return
+                except ProviderError as error:
+                    if yielded or attempt >= self._settings.max_retries or not _worth_retrying(error):
+                        raise
+                    delay = self._retry_delay(attempt, error)
+                    log.info("provider.retrying", provider=self.name.value, attempt=attempt + 1,
+                             delay_s=round(delay, 3), error=error.message)
+                    await trio.sleep(delay)
+        finally:
+            self._limiter.release_on_behalf_of(borrower)
+
+    async def _stream_once(self, payload: dict[str, Any], voice: str) -> AsyncGenerator[bytes, None]:
+        """One request: yield converted audio; raise a `ProviderError` on any trouble."""
+        assert self._client is not None
+        s = self._settings
+        url = self.base_url + SPEECH_PATH
+        request = self._client.build_request("POST", url, json=payload, headers=self._auth_headers())
+        deadline = trio.current_time() + s.first_byte_timeout
+        response: httpx.Response | None = None
+        try:
+            with trio.move_on_at(deadline):
+                try:
+                    response = await self._client.send(request, stream=True)
+                except httpx.HTTPError as error:
+                    raise self._transport_error(error) from error
+            if response is None:
+                raise self._first_byte_timeout()
+            if response.status_code >= 300:
+                raise await self._http_error(response, deadline)
+            decoder = _AudioDecoder(self._label, response.headers.get("content-type"))
+            received = produced = 0
+            async with aclosing(_generator(response.aiter_bytes())) as body:
+                while True:
+                    if produced:
+                        deadline = trio.current_time() + s.stall_timeout
+                    data = await self._read(body, deadline, produced, received)
+                    if data is None:
+                        break
+                    received += len(data)
+                    audio = decoder.feed(data)
+                    if audio:
+                        produced += len(audio)
+                        yield audio
+            tail = decoder.finish()
+            if tail:
+                produced += len(tail)
+                yield tail
+            if not produced:
+                raise ProviderEmptyAudio(
+                    f"{self._label} answered without any audio for voice {voice!r}; the voice may be "
+                    f"unknown to the server (check SPEECHCAST_{self.name.value.upper()}_VOICE)")
+        finally:
+            if response is not None:
+                # Closing an unfinished streamed response drops its connection: that is
+                # what tells the server to stop. Shielded so a cancelled caller still does it.
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
+
+    async def _read(self, body: AsyncIterator[bytes], deadline: float, produced: int,
+                    received: int) -> bytes | None:
+        """The next piece of the body, or None at its end; timeouts and break-offs raise."""
+        with trio.move_on_at(deadline):
+            try:
+                return await body.__anext__()
+            except StopAsyncIteration:
+                return None
+            except httpx.HTTPError as error:
+                raise ProviderFailed(
+                    f"the connection to {self._label} broke off after {received} bytes of the answer "
+                    f"({_describe(error)}); the server may have crashed or restarted") from error
+        if not produced:
+            raise self._first_byte_timeout()
+        raise ProviderTimeout(f"{self._label} stopped sending audio for {self._settings.stall_timeout:g} s "
+                              f"in the middle of an answer (stall_timeout); the server may be overloaded")
+
+    async def _http_error(self, response: httpx.Response, deadline: float) -> ProviderHTTPError:
+        """Build the error for an HTTP error status, with the body's message if it has one."""
+        raw = bytearray()
+        with trio.move_on_at(deadline):
+            try:
+                async with aclosing(_generator(response.aiter_bytes())) as body:
+                    async for piece in body:
+                        raw += piece
+                        if len(raw) > ERROR_BODY_LIMIT:
+                            break
+            except httpx.HTTPError:
+                pass  # the status alone still says what happened
+        status = response.status_code
+        detail = self._scrub(_error_detail(bytes(raw)))
+        message = f"{self._label} answered HTTP {status}" + (f": {detail}" if detail else " with no details")
+        if status in (401, 403):
+            message += f"; {self._auth_hint()}"
+        elif status == 404:
+            message += f"; is {self.base_url} an OpenAI-compatible speech server? ({self._hint})"
+        elif 300 <= status < 400:
+            message += f" (redirect to {response.headers.get('location', '?')}); set the URL to where it points"
+        elif not detail and status >= 500 and self.name is TTSProvider.KOKOROS:
+            message += " (Kokoros reports every error this way; its log says what went wrong)"
+        return ProviderHTTPError(message, status=status, retry_after=_retry_after(response))
+
+    def _transport_error(self, error: httpx.HTTPError) -> ProviderError:
+        if isinstance(error, httpx.ConnectTimeout):
+            return ProviderTimeout(self._transport_message(error))
+        if isinstance(error, (httpx.ConnectError, httpx.UnsupportedProtocol, httpx.ProxyError)):
+            return ProviderUnavailable(self._transport_message(error))
+        return ProviderFailed(f"the request to {self._label} at {self.base_url} failed before an answer "
+                              f"({_describe(error)})")
+
+    def _transport_message(self, error: httpx.HTTPError) -> str:
+        if isinstance(error, httpx.TimeoutException):
+            return (f"could not connect to {self._label} at {self.base_url} within "
+                    f"{self._settings.connect_timeout:g} s; {self._hint}")
+        return f"{self._label} is not reachable at {self.base_url} ({_describe(error)}); {self._hint}"
+
+    def _first_byte_timeout(self) -> ProviderTimeout:
+        return ProviderTimeout(f"{self._label} sent no audio within {self._settings.first_byte_timeout:g} s "
+                               "(first_byte_timeout); the server may be overloaded")
+
+    def _retry_delay(self, attempt: int, error: ProviderError) -> float:
+        if error.retry_after is not None:
+            return min(error.retry_after, self._settings.retry_after_cap)
+        step = BACKOFF_BASE * 2**attempt
+        # Random jitter keeps many clients that failed together from retrying together.
+        return step + self._random.uniform(0, step)
+
+    def _auth_hint(self) -> str:
+        if self._api_key:
+            return "the API key was rejected: check OPENAI_API_KEY"
+        return f"the server wants credentials, which speechcast does not send to {self._label}"
+
+    def _auth_headers(self) -> httpx.Headers:
+        # httpx.Headers hides Authorization in its repr, so tracebacks and locals stay clean.
+        return httpx.Headers({"authorization": f"Bearer {self._api_key}"} if self._api_key else {})
+
+    def _scrub(self, text: str) -> str:
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return KEY_PATTERN.sub("sk-***", text)
+
+
+def kokoros_provider(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> OpenAICompatProvider:
+    """The Kokoros (or Kokoro-FastAPI) server at `settings.kokoros_url`; no key."""
+    return OpenAICompatProvider(
+        TTSProvider.KOKOROS, base_url=settings.kokoros_url, model=settings.kokoros_model,
+        voice=settings.kokoros_voice, speed=settings.kokoros_speed, api_key=None,
+        settings=settings, transport=transport, check_path="/")
+
+
+def openai_provider(settings: Settings, transport: httpx.AsyncBaseTransport | None = None) -> OpenAICompatProvider:
+    """The OpenAI speech API at `settings.openai_url` with `OPENAI_API_KEY`."""
+    return OpenAICompatProvider(
+        TTSProvider.OPENAI, base_url=settings.openai_url, model=settings.openai_model,
+        voice=settings.openai_voice, speed=settings.openai_speed, api_key=settings.openai_api_key,
+        settings=settings, transport=transport, check_path="/v1/models", send_stream_flag=False)
+
+
+def _worth_retrying(error: ProviderError) -> bool:
+    # Nothing listening and "no audio for this voice" will be the same a moment later.
+    if isinstance(error, (ProviderUnavailable, ProviderEmptyAudio)):
+        return False
+    return error.retryable
+
+
+def _permanent(message: str) -> ProviderFailed:
+    """A failure that asking again cannot change (the server sends what it cannot help)."""
+    error = ProviderFailed(message)
+    error.retryable = False
+    return error
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (the form speech APIs use); None if absent or a date."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _generator(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    # httpx types its body iterators loosely; they are async generators (they have aclose).
+    return cast(AsyncGenerator[bytes, None], pieces)
+
+
+def _describe(error: Exception) -> str:
+    return str(error) or type(error).__name__
+
+
+def _error_detail(raw: bytes) -> str:
+    """The human part of an error body: OpenAI's `error.message`, FastAPI's `detail`, or text."""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return _shorten(text)
+    if isinstance(data, dict):
+        error, detail = data.get("error"), data.get("detail")
+        if isinstance(error, dict) and error.get("message"):  # OpenAI
+            code = error.get("code") or error.get("type")
+            return _shorten(f"{error['message']} ({code})" if code else str(error["message"]))
+        if isinstance(detail, dict):  # Kokoro-FastAPI: {"error","message","type"}
+            return _shorten(str(detail.get("message") or detail.get("error") or detail))
+        if isinstance(detail, list):  # FastAPI validation (422): [{"loc","msg","type"}]
+            parts = [f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" if isinstance(d, dict) else str(d)
+                     for d in detail]
+            return _shorten("; ".join(parts))
+        for value in (detail, error, data.get("message")):
+            if isinstance(value, str) and value:
+                return _shorten(value)
+    return _shorten(text)
+
+
+def _shorten(text: str) -> str:
+    if text.startswith("<"):  # an HTML error page from a proxy: keep its words
+        text = re.sub(r"<[^>]*>", " ", text)
+    text = " ".join(text.split())
+    return text if len(text) <= DETAIL_LIMIT else text[: DETAIL_LIMIT - 1] + "…"
+
+
+class _AudioDecoder:
+    """Turns a speech answer's body, fed in pieces split anywhere, into s16le mono 24 kHz.
+
+    Raw PCM passes through untouched (only a first piece too short to rule out a file
+    header such as "RIFF" waits for more); a RIFF/WAVE body is parsed as it comes and
+    converted, and read until EOF whatever its size fields say.
+
+    Error handling: an answer that is mp3/ogg/flac/JSON/text, or a WAV encoding it cannot
+    read, raises `ProviderFailed` saying so.
+    """
+
+    def __init__(self, label: str, content_type: str | None) -> None:
+        self._label = label
+        kind = (content_type or "").split(";")[0].strip().lower()
+        if kind.startswith(NOT_AUDIO_TYPES):
+            raise self._not_audio(kind)
+        self._declared_pcm = kind in ("audio/pcm", "audio/l16", "audio/raw")
+        self._mode = "sniff"  # then "pcm", or "wav-header" then "wav-data"
+        self._buffer = bytearray()
+        self._pos = 12  # WAV: where the next header chunk starts
+        self._dtype = "<i2"
+        self._scale = 1.0
+        self._channels = 1
+        self._frame = 2
+        self._resampler: Resampler | None = None
+        self._have_format = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._mode == "pcm":
+            return data
+        self._buffer += data
+        if self._mode == "sniff":
+            head = bytes(self._buffer[:12])
+            magics = [b"RIFF"] if self._declared_pcm else [b"RIFF", *NOT_PCM_MAGIC]
+            if any(len(head) < len(m) and m.startswith(head) for m in magics):
+                return b""  # too short to tell yet
+            if not self._declared_pcm:
+                for magic, kind in NOT_PCM_MAGIC.items():
+                    if head.startswith(magic):
+                        raise self._not_audio(kind)
+            if not head.startswith(b"RIFF"):
+                self._mode = "pcm"
+                out, self._buffer = bytes(self._buffer), bytearray()
+                return out
+            if len(head) < 12:
+                return b""  # wait for "WAVE"
+            if head[8:] != b"WAVE":
+                raise self._not_audio("a RIFF file that is not WAVE")
+            self._mode = "wav-header"
+        if self._mode == "wav-header":
+            self._read_wav_header()
+        return self._convert() if self._mode == "wav-data" else b""
+
+    def finish(self) -> bytes:
+        """The rest at end of body; a WAV file whose audio never began has nothing."""
+        if self._mode == "sniff":
+            out, self._buffer = bytes(self._buffer), bytearray()
+            return out
+        if self._mode == "wav-header":
+            raise _permanent(f"{self._label} answered a WAV file that ended before its audio began")
+        if self._mode == "wav-data" and self._resampler is not None:
+            return self._resampler.flush()
+        return b""  # a partial last WAV frame is dropped: it cannot be converted
+
+    def _read_wav_header(self) -> None:
+        buf = self._buffer
+        while len(buf) >= self._pos + 8:
+            chunk_id, size = struct.unpack_from("<4sI", buf, self._pos)
+            start = self._pos + 8
+            if chunk_id == b"data":  # its size may be 0xFFFFFFFF: read until EOF instead
+                if not self._have_format:
+                    raise _permanent(f"{self._label} answered a WAV file with no format chunk")
+                del buf[:start]
+                self._mode = "wav-data"
+                return
+            if size > WAV_HEADER_LIMIT:
+                raise _permanent(f"{self._label} answered a WAV file with a malformed header")
+            end = start + size + (size & 1)  # chunks are padded to an even size
+            if len(buf) < end:
+                return
+            if chunk_id == b"fmt ":
+                self._read_fmt(bytes(buf[start:start + size]))
+            self._pos = end
+
+    def _read_fmt(self, chunk: bytes) -> None:
+        if len(chunk) < 16:
+            raise _permanent(f"{self._label} answered a WAV file with a malformed format chunk")
+        tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", chunk)
+        if tag == WAVE_FORMAT_EXTENSIBLE and len(chunk) >= 26:
+            (tag,) = struct.unpack_from("<H", chunk, 24)  # first two bytes of the sub-format GUID
+        if (tag, bits) not in WAV_ENCODINGS or channels < 1 or rate < 1:
+            raise _permanent(f"{self._label} answered WAV audio in format {tag} with {bits}-bit samples, "
+                                 "which speechcast cannot read; use a server that sends pcm")
+        self._dtype, self._scale = WAV_ENCODINGS[(tag, bits)]
+        self._channels = channels
+        self._frame = channels * bits // 8
+        self._resampler = Resampler(rate, SAMPLE_RATE) if rate != SAMPLE_RATE else None
+        self._have_format = True
+
+    def _convert(self) -> bytes:
+        whole = len(self._buffer) - len(self._buffer) % self._frame
+        if not whole:
+            return b""
+        samples = np.frombuffer(bytes(self._buffer[:whole]), dtype=self._dtype)
+        del self._buffer[:whole]
+        values = samples.astype(np.float64).reshape(-1, self._channels).mean(axis=1)
+        if samples.dtype.kind == "f":  # float audio is clipped to its full scale, ±1.0
+            values = np.clip(np.nan_to_num(values), -1.0, 1.0)
+        values *= self._scale
+        pcm = np.clip(np.rint(values), -32768, 32767).astype("<i2").tobytes()
+        return self._resampler.feed(pcm) if self._resampler is not None else pcm
+
+    def _not_audio(self, kind: str) -> ProviderFailed:
+        return _permanent(f"{self._label} answered {kind} instead of raw PCM or WAV audio; it ignored "
+                              'response_format "pcm": use a server that can send pcm')

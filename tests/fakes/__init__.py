@@ -1,0 +1,1 @@
+"""Test doubles that behave like the outside world speechcast talks to (see `tts_servers`)."""

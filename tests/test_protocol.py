@@ -1,0 +1,93 @@
+"""Client messages to commands, and VOICE_DATA frames, exactly as DESIGN.md section 4."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline import protocol
+from pipeline.audio import read_wav, wav_bytes
+from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
+from pipeline.errors import CommandError
+
+
+@pytest.mark.parametrize(
+    "raw, command",
+    [
+        ('{"type":"initialize"}', Initialize()),
+        ('{"type":"send_message","text":"Hi there"}', SendMessage("Hi there")),
+        (
+            '{"type":"send_message","text":"Hi","voice":"af_heart","speed":1.5,"provider":"kokoros"}',
+            SendMessage("Hi", "af_heart", 1.5, TTSProvider.KOKOROS),
+        ),
+        ('{"type":"tts","text":"Hi","voice":"alloy","speed":1,"stream":true}', SendMessage("Hi", "alloy", 1.0)),
+        ('{"type":"set_tts_provider","provider":"openai"}', SetTTSProvider(TTSProvider.OPENAI)),
+        ('{"type":"close"}', Close()),
+        ('{"type":"cancel"}', Cancel(all=False)),
+        ('{"type":"cancel","all":true}', Cancel(all=True)),
+    ],
+)
+def test_valid_messages_become_commands(raw, command):
+    assert protocol.parse_client_message(raw) == command
+
+
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        ("{not json", "invalid_json"),
+        ("42", "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":7}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","speed":"fast"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","speed":0.1}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","speed":true}', "invalid_command"),
+        ('{"type":"cancel","all":"yes"}', "invalid_command"),
+        ('{"type":"set_tts_provider"}', "invalid_command"),
+        ('{"type":"send_message","text":"\\n\\t "}', "empty_text"),
+        ('{"type":"send_message","text":""}', "empty_text"),
+    ],
+)
+def test_invalid_messages_get_their_code(raw, code):
+    with pytest.raises(CommandError) as error:
+        protocol.parse_client_message(raw)
+    assert error.value.code == code
+
+
+def test_text_of_exactly_4096_characters_is_accepted():
+    assert protocol.parse_client_message('{"type":"tts","text":"' + "a" * 4096 + '"}').text == "a" * 4096
+
+
+def test_voice_frame_layout_is_the_seeds():
+    frame = protocol.encode_voice_frame(7, True, b"abc")
+    assert frame == struct.pack("<IIB", 2, 7, 1) + b"abc"
+
+
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.binary(max_size=4000), st.booleans())
+def test_frames_round_trip_compressed_or_not(chunk_id, is_final, audio, compress):
+    frame = protocol.encode_voice_frame(chunk_id, is_final, audio)
+    data = protocol.compress_frame(frame) if compress else frame
+    assert protocol.decode_voice_frame(data) == protocol.VoiceFrame(chunk_id, is_final, audio)
+
+
+@given(st.binary(max_size=3000))
+def test_compression_only_when_large_enough_and_smaller(audio):
+    frame = protocol.encode_voice_frame(1, False, audio)
+    sent = protocol.compress_frame(frame)
+    if len(frame) < 512:
+        assert sent == frame
+    if sent != frame:
+        assert len(sent) < len(frame) and zlib.decompress(sent) == frame
+        assert protocol.is_compressed(sent)
+    else:
+        assert sent[0] == 0x02 and not protocol.is_compressed(sent)
+
+
+@given(st.binary(max_size=2000).map(lambda b: b[: len(b) // 2 * 2]), st.sampled_from([16000, 22050, 24000]))
+def test_wav_chunks_carry_exact_sizes(pcm, rate):
+    data = wav_bytes(pcm, rate)
+    assert struct.unpack_from("<I", data, 4)[0] == len(data) - 8
+    assert struct.unpack_from("<I", data, 40)[0] == len(pcm)
+    assert read_wav(data) == (rate, pcm)
