@@ -74,10 +74,14 @@ class RecordingPiper(PiperProvider):
     def __init__(self) -> None:
         super().__init__()
         self.produced = bytearray()
+        self.pieces: list[tuple[str, bytearray]] = []  # (text, its audio) in call order
 
     async def synthesize(self, text: str, voice: str | None, speed: float | None) -> AsyncIterator[bytes]:
+        audio = bytearray()
+        self.pieces.append((text, audio))
         async for pcm in super().synthesize(text, voice, speed):
             self.produced += pcm
+            audio += pcm
             yield pcm
 
 
