@@ -4,6 +4,10 @@ dead client never stalls the others.
 
 Reads Outgoing items (from the chunker, and Join/Leave/replies from intake) on one
 channel, so a connection's Join always precedes anything addressed to it.
+
+Hot path: each message is framed once, and a subscriber with nothing queued gets those
+bytes written straight to its socket, without a task switch (actors/subscriber_stream.py);
+only what a socket cannot take at once goes through the queue and the sender task.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import structlog
 import trio
 from trio_websocket import ConnectionClosed
 
+from actors.subscriber_stream import SubscriberStream, message_frame
 from pipeline import protocol
 from pipeline.audio import wav_bytes
 from pipeline.config import Settings
@@ -25,16 +30,38 @@ from pipeline.flow import (
     Join,
     Leave,
     Outgoing,
+    Shutdown,
     SubscriberOptions,
     UtteranceFinished,
     UtteranceStarted,
 )
 from pipeline.commands import TTSProvider
+from pipeline.metrics import Metrics
 
 log = structlog.get_logger()
 
 # WebSocket close code for "try again later": used for subscribers that cannot keep up.
 CLOSE_TOO_SLOW = 1013
+# WebSocket close code for "going away": every connection gets it when the daemon stops.
+CLOSE_GOING_AWAY = 1001
+
+
+@dataclass(frozen=True)
+class StatusView:
+    """A snapshot of what the broadcaster has observed in the events passing through it.
+    It is an observation (it may lag the router by the events still in the channels),
+    not shared state: changing it changes nothing."""
+
+    session: str  # open · closed
+    provider: str
+    subscribers: int
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Queued when the socket took only part of a frame: the sender flushes the rest."""
+
+    size: int
 
 
 @dataclass
@@ -45,15 +72,33 @@ class Subscriber:
     connection: Any
     options: SubscriberOptions
     limit: int
-    queue_send: trio.MemorySendChannel[str | bytes]
-    queue_recv: trio.MemoryReceiveChannel[str | bytes]
+    queue_send: trio.MemorySendChannel[str | bytes | Pending]
+    queue_recv: trio.MemoryReceiveChannel[str | bytes | Pending]
     queued_bytes: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     dropped: bool = False
+    going_away: bool = False  # the daemon stops: send what is queued, then close with 1001
+    stream: SubscriberStream | None = None  # a WebSocket's socket: the fast path for frames
+
+    def write_through(self, wire: bytes) -> bool:
+        """Hand a whole frame's wire bytes to the socket now, when nothing is queued or
+        being written for this subscriber; False when `wire` must be queued instead."""
+        if self.stream is None or self.queued_bytes or self.dropped or self.going_away:
+            return False
+        if self.connection.closed is not None:
+            return False
+        left = self.stream.write_nowait(wire)
+        if left is None:
+            return False
+        if left:
+            # The rest goes out before anything else; the sender task writes it.
+            self.queued_bytes += left
+            self.queue_send.send_nowait(Pending(left))
+        return True
 
     def push(self, data: str | bytes) -> bool:
         """Queue `data`; False when that would exceed the subscriber's byte limit."""
-        if self.dropped:
+        if self.dropped or self.going_away:
             return True
         size = len(data)
         if self.queued_bytes + size > self.limit:
@@ -69,12 +114,16 @@ class Broadcaster:
     Resource handling: owns one sender task per subscriber (in its own nursery); on
     Leave the task is cancelled. Error handling: a subscriber whose queue would exceed
     `subscriber_queue_bytes` is closed with 1013 and logged as `subscriber.too_slow`;
-    a connection error ends only that subscriber.
+    a connection error ends only that subscriber. On Shutdown every subscriber gets what
+    is queued for it, then a 1001 close.
     """
 
-    def __init__(self, settings: Settings, inbox: trio.MemoryReceiveChannel[Outgoing]) -> None:
+    def __init__(
+        self, settings: Settings, inbox: trio.MemoryReceiveChannel[Outgoing], metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.inbox = inbox
+        self.metrics = metrics or Metrics()
         self.subscribers: dict[int, Subscriber] = {}
         # What new connections must be told, learned from the events passing through.
         self.session = "closed"
@@ -83,6 +132,9 @@ class Broadcaster:
         self.owners: dict[str, int] = {}
         self.first_audio_at: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
+        self._wires: dict[str | bytes, bytes] = {}  # message -> its WebSocket frame, per item
+        self._stopped: trio.Event | None = None  # from Shutdown: set once every connection is closed
+        self._senders: set[int] = set()  # subscribers whose sender task still runs
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, trio.open_nursery() as nursery:
@@ -92,9 +144,15 @@ class Broadcaster:
                 self._dispatch(item)
             nursery.cancel_scope.cancel()
 
+    def status(self) -> StatusView:
+        """What /readyz and /v1/info report: the session and provider seen so far."""
+        listening = sum(sub.options.subscribe for sub in self.subscribers.values())
+        return StatusView(self.session, self.provider, listening)
+
     # ------------------------------------------------------------ dispatch (never blocks)
 
     def _dispatch(self, item: Outgoing) -> None:
+        self._wires.clear()  # wire bytes of the previous item's messages
         match item:
             case Frame():
                 self._frame(item)
@@ -113,6 +171,8 @@ class Broadcaster:
                 self._join(item)
             case Leave():
                 self._leave(item.conn_id, item.reason)
+            case Shutdown():
+                self._shut_down(item)
 
     def _event(self, item: Event) -> None:
         payload = item.payload
@@ -140,6 +200,7 @@ class Broadcaster:
             now = trio.current_time()
             self.first_audio_at[frame.utterance_id] = now
             ttfa_ms = round((now - self.speaking.received_at) * 1000, 1)
+            self.metrics.ttfa.observe(now - self.speaking.received_at)
             log.info("utterance.first_audio", utterance_id=frame.utterance_id, ttfa_ms=ttfa_ms)
         for sub in list(self.subscribers.values()):
             if sub.options.subscribe:
@@ -176,15 +237,19 @@ class Broadcaster:
             ttfa_ms=payload["ttfa_ms"],
             rtf=item.rtf,
         )
+        self.metrics.utterance_finished(item.provider, payload["status"])
         self._event(Event(payload, utterance_id=utt_id))
         self.owners.pop(utt_id, None)
 
     # ------------------------------------------------------------ subscribers
 
     def _join(self, join: Join) -> None:
-        send, recv = trio.open_memory_channel[str | bytes](math.inf)
-        sub = Subscriber(join.conn_id, join.connection, join.options, self.settings.subscriber_queue_bytes, send, recv)
+        send, recv = trio.open_memory_channel[str | bytes | Pending](math.inf)
+        sub = Subscriber(
+            join.conn_id, join.connection, join.options, self.settings.subscriber_queue_bytes, send, recv, stream=join.stream
+        )
         self.subscribers[join.conn_id] = sub
+        self.metrics.subscribers.set(self.status().subscribers)
         log.info(
             "subscriber.connected",
             conn=join.conn_id,
@@ -197,18 +262,53 @@ class Broadcaster:
         if self.speaking is not None and sub.options.subscribe:
             self._push(sub, protocol.event_json({**self.speaking.payload, "format": sub.options.format}))
         assert self._nursery is not None
-        self._nursery.start_soon(self._send_forever, sub)
+        self._senders.add(sub.conn_id)
+        self._nursery.start_soon(self._run_sender, sub)
+        if self._stopped is not None:
+            self._go_away(sub)  # accepted just before the daemon began to stop
 
     def _leave(self, conn_id: int, reason: str) -> None:
         sub = self.subscribers.pop(conn_id, None)
         if sub is None:
             return
         sub.scope.cancel()
+        self.metrics.subscribers.set(self.status().subscribers)
+        if sub.going_away:
+            reason = "daemon shutting down"
         log.info("subscriber.disconnected", conn=conn_id, reason=reason, subscribers=len(self.subscribers))
+        self._check_stopped()
 
     def _push(self, sub: Subscriber, data: str | bytes) -> None:
+        """Deliver one message: straight to the socket when it has room (framed once per
+        item for all subscribers, actors/subscriber_stream.py), else through the queue."""
+        if sub.stream is not None:
+            if (wire := self._wires.get(data)) is None:
+                wire = self._wires[data] = message_frame(data)
+            if sub.write_through(wire):
+                if isinstance(data, bytes):
+                    self.metrics.chunk_sent(len(data))
+                return
         if not sub.push(data):
             self._drop_slow(sub)
+
+    def _shut_down(self, shutdown: Shutdown) -> None:
+        """Everything before `shutdown` has been queued: let each subscriber receive its
+        queue (within close_timeout), then close it with 1001. `shutdown.done` is set once
+        every connection is closed (at once when there is none)."""
+        self._stopped = shutdown.done
+        for sub in list(self.subscribers.values()):
+            self._go_away(sub)
+        self._check_stopped()
+
+    def _check_stopped(self) -> None:
+        # Done when every connection has left and every close handshake is over.
+        if self._stopped is not None and not self.subscribers and not self._senders:
+            self._stopped.set()
+
+    def _go_away(self, sub: Subscriber) -> None:
+        sub.going_away = True
+        sub.scope.deadline = min(sub.scope.deadline, trio.current_time() + self.settings.close_timeout)
+        sub.queue_send.close()
 
     def _drop_slow(self, sub: Subscriber) -> None:
         """Close a subscriber that cannot keep up; everyone else carries on."""
@@ -218,21 +318,40 @@ class Broadcaster:
         sub.scope.deadline = min(sub.scope.deadline, trio.current_time() + self.settings.close_timeout)
         sub.queue_send.close()
 
+    async def _run_sender(self, sub: Subscriber) -> None:
+        try:
+            await self._send_forever(sub)
+        finally:
+            self._senders.discard(sub.conn_id)
+            self._check_stopped()
+
     async def _send_forever(self, sub: Subscriber) -> None:
         with sub.scope:
             try:
                 async for data in sub.queue_recv:
                     if sub.dropped:
                         break
+                    if isinstance(data, Pending):
+                        assert sub.stream is not None
+                        await sub.stream.flush()
+                        sub.queued_bytes -= data.size
+                        continue
                     await sub.connection.send_message(data)
                     sub.queued_bytes -= len(data)
-            except ConnectionClosed:
+                    if isinstance(data, bytes):
+                        self.metrics.chunk_sent(len(data))
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
         if sub.dropped:
-            reason = f"too slow: more than {sub.limit} bytes waiting"
-            with trio.move_on_after(self.settings.close_timeout) as cleanup:
-                cleanup.shield = True
-                try:
-                    await sub.connection.aclose(CLOSE_TOO_SLOW, reason)
-                except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the stream is closed either way
+            await self._close(sub, CLOSE_TOO_SLOW, f"too slow: more than {sub.limit} bytes waiting")
+        elif sub.going_away:
+            await self._close(sub, CLOSE_GOING_AWAY, "the daemon is shutting down")
+
+    async def _close(self, sub: Subscriber, code: int, reason: str) -> None:
+        """Close one connection, waiting at most close_timeout for the client's answer."""
+        with trio.move_on_after(self.settings.close_timeout) as cleanup:
+            cleanup.shield = True
+            try:
+                await sub.connection.aclose(code, reason)
+            except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the stream is closed either way

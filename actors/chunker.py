@@ -19,6 +19,7 @@ from pipeline.flow import (
     Event,
     Frame,
     Outgoing,
+    Shutdown,
     Speech,
     UtteranceBegin,
     UtteranceEnd,
@@ -87,7 +88,7 @@ class Chunker:
                         await self._send_ready_chunks(self.open)
                     case UtteranceEnd():
                         await self._finish(item)
-                    case Event():
+                    case Event() | Shutdown():
                         await self.out.send(item)
 
     def _target(self, state: _Open) -> int:
@@ -127,7 +128,10 @@ class Chunker:
 
     async def _finish(self, end: UtteranceEnd) -> None:
         state = self.open if self.open is not None and self.open.begin.utterance_id == end.utterance_id else None
-        self.open = None
+        if state is not None:
+            # Only its own end closes the open utterance: a queued one cancelled meanwhile
+            # (cancel all, shutdown) ends while this one still streams.
+            self.open = None
         status = end.status
         if state is not None:
             if state.buffer and status != "cancelled":

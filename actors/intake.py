@@ -10,26 +10,55 @@ from __future__ import annotations
 
 import itertools
 import urllib.parse
+from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
 
-from pipeline import protocol
+from actors.subscriber_stream import SubscriberListener, SubscriberStream
+
+from pipeline import access, protocol
+from pipeline.access import Grant, HandshakeError, TokenBucket
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
 from pipeline.flow import Envelope, Event, Join, Leave, Outgoing, SubscriberOptions
 
 log = structlog.get_logger()
 
+# Close code for a peer that stopped answering pings (as the `websockets` library uses).
+CLOSE_NO_PONG = 1011
 
-class HandshakeError(Exception):
-    """A connection request that is refused with an HTTP status."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+@dataclass
+class Peer:
+    """One admitted connection as intake sees it: what it may do, its command budget,
+    and why it ended when intake (not the client) ended it."""
+
+    conn_id: int
+    grant: Grant
+    bucket: TokenBucket
+    limited: bool = False  # inside a run of rate-limited messages (logged once per run)
+    ended_because: str | None = None
+
+
+async def keep_alive(connection: Any, *, interval: float, timeout: float) -> str | None:
+    """Ping every `interval` seconds; return a disconnect reason once a pong has not
+    arrived within `timeout`. Runs until then: cancel it to stop it.
+
+    Error handling: a connection that closes meanwhile returns None (nothing for the
+    caller to do: its reader sees the close).
+    """
+    while True:
+        await trio.sleep(interval)
+        with trio.move_on_after(timeout):
+            try:
+                await connection.ping()
+            except ConnectionClosed:
+                return None
+            continue
+        return f"no pong within {timeout:g} s"
 
 
 def parse_options(path: str) -> SubscriberOptions:
@@ -55,7 +84,10 @@ class Intake:
 
     Error handling: a message that is not a valid command gets an `error` with its code
     and changes nothing else; the connection stays open. A refused handshake gets an
-    HTTP status with a short reason.
+    HTTP status with a short reason: 400/404 bad options, 401 token, 403 origin, 503
+    past `max_connections` (the rules live in pipeline/access.py). A client frame over
+    `max_message_size` closes the connection with 1009 (trio-websocket does that); a
+    peer that stops answering pings is closed with 1011.
     """
 
     def __init__(
@@ -63,62 +95,158 @@ class Intake:
         settings: Settings,
         commands: trio.MemorySendChannel[Envelope],
         outbox: trio.MemorySendChannel[Outgoing],
+        stopping: trio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.commands = commands
         self.outbox = outbox
+        # Set by the daemon when it begins to shut down: from then on nothing new is accepted.
+        self.stopping = stopping if stopping is not None else trio.Event()
         self._ids = itertools.count(1)
+        self.slots = access.ConnectionSlots(settings.max_connections)
+        self._listeners: list[SubscriberListener] = []
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.commands, self.outbox, trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_websocket(
-                    self._handle,
-                    self.settings.host,
-                    self.settings.port,
-                    None,
-                    max_message_size=self.settings.max_message_size,
-                    connect_timeout=self.settings.close_timeout,
-                    disconnect_timeout=self.settings.close_timeout,
-                    task_status=task_status,
-                )
+            # trio-websocket's serve_websocket, on listeners whose streams the broadcaster
+            # can write to without awaiting (actors/subscriber_stream.py).
+            sockets = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+            self._listeners = [SubscriberListener(listener) for listener in sockets]
+            server = WebSocketServer(
+                self._handle,
+                self._listeners,  # type: ignore[arg-type]  # any trio Listener works
+                max_message_size=self.settings.max_message_size,
+                connect_timeout=self.settings.close_timeout,
+                disconnect_timeout=self.settings.close_timeout,
             )
-            task_status.started(server.port)
+            await nursery.start(server.run)
+            task_status.started(self._listeners[0].port)
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        """Check the handshake (options, origin, token, connection limit), then serve it.
+
+        Error handling: a refused handshake gets its HTTP status and a short reason
+        (never the token); a client that vanishes during the handshake is forgotten.
+        While the daemon shuts down every handshake gets 503.
+        """
+        if self.stopping.is_set():
+            await self._refuse(request, 503, "the daemon is shutting down; try again later")
+            return
         try:
             options = parse_options(request.path)
+            grant = access.admit(self.settings, options.token, request.headers)
         except HandshakeError as e:
-            log.info("subscriber.refused", status=e.status, reason=e.message)
-            await request.reject(e.status, body=e.message.encode())
+            await self._refuse(request, e.status, e.message)
             return
-        connection = await request.accept()
-        conn_id = next(self._ids)
-        await self.outbox.send(Join(conn_id, connection, options))
+        if not self.slots.take():
+            await self._refuse(request, 503, f"the daemon serves {self.slots.limit} connections already; try again later")
+            return
+        try:
+            await self._serve(request, options, grant)
+        finally:
+            self.slots.give_back()
+
+    async def _refuse(self, request: WebSocketRequest, status: int, reason: str) -> None:
+        log.info("subscriber.refused", status=status, reason=reason)
+        try:
+            await request.reject(status, body=reason.encode())
+        except ConnectionClosed:
+            pass  # the client is gone already
+
+    async def _serve(self, request: WebSocketRequest, options: SubscriberOptions, grant: Grant) -> None:
+        """Accept; announce the connection to the broadcaster; read its messages while a
+        keep-alive task watches it; tell the broadcaster when and why it ended."""
+        try:
+            connection = await request.accept()
+        except ConnectionClosed:
+            return
+        peer = Peer(next(self._ids), grant, TokenBucket(self.settings.rate_limit, self.settings.rate_burst))
+        await self.outbox.send(Join(peer.conn_id, connection, options, self._stream_of(request)))
         reason = "closed by client"
         try:
-            while True:
-                message = await connection.get_message()
-                await self._on_message(conn_id, message)
-        except ConnectionClosed as e:
-            if e.reason is not None and e.reason.code not in (1000, 1001, 1005):
-                reason = f"closed with {e.reason.code} {e.reason.reason or ''}".strip()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, connection, peer)
+                reason = await self._read(connection, peer)
+                nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
-                await self.outbox.send(Leave(conn_id, reason))
+                await self.outbox.send(Leave(peer.conn_id, reason))
 
-    async def _on_message(self, conn_id: int, message: str | bytes) -> None:
+    def _stream_of(self, request: WebSocketRequest) -> SubscriberStream | None:
+        """The connection's socket stream, for the broadcaster's fast path (None: it uses
+        trio-websocket's send_message only)."""
+        remote = request.remote
+        if not isinstance(remote, str):
+            return None
+        for listener in self._listeners:
+            if (stream := listener.stream_for(remote)) is not None:
+                return stream
+        return None
+
+    async def _read(self, connection: Any, peer: Peer) -> str:
+        """Handle the connection's messages until it closes; return the disconnect reason."""
+        try:
+            while True:
+                message = await connection.get_message()
+                await self._on_message(peer, message)
+        except ConnectionClosed as e:
+            if peer.ended_because is not None:
+                return peer.ended_because
+            if e.reason is not None and e.reason.code not in (1000, 1001, 1005):
+                return f"closed with {e.reason.code} {e.reason.reason or ''}".strip()
+            return "closed by client"
+
+    async def _watch(self, connection: Any, peer: Peer) -> None:
+        """Close a peer that stops answering pings: a dead network path never says so."""
+        reason = await keep_alive(connection, interval=self.settings.ping_interval, timeout=self.settings.ping_timeout)
+        if reason is None:
+            return
+        peer.ended_because = reason
+        # A dead peer will not answer the close either: the stream is closed after the wait.
+        with trio.move_on_after(self.settings.close_timeout):
+            await connection.aclose(CLOSE_NO_PONG, "keepalive ping timeout")
+
+    async def _on_message(self, peer: Peer, message: str | bytes) -> None:
+        """Rate limit, validate and authorize one message, then pass its command on.
+
+        Error handling: each failure is one `error` to this connection only (rate_limited,
+        binary_not_accepted, a validation code, unauthorized, not_initialized once the daemon
+        is shutting down); the connection stays open.
+        """
         received_at = trio.current_time()
+        if not peer.bucket.take():
+            # Logged once per run of refusals: a flooding client must not flood the log.
+            if not peer.limited:
+                peer.limited = True
+                log.info("command.rejected", code="rate_limited", conn=peer.conn_id)
+            wait = peer.bucket.wait_seconds()
+            message = (
+                f"more than {self.settings.rate_limit:g} commands per second (bursts of "
+                f"{self.settings.rate_burst}); try again in {wait:g} s"
+            )
+            # `retry_after` (seconds) is an extension field, so a client need not parse text.
+            payload = {**protocol.error("rate_limited", message), "retry_after": wait}
+            await self.outbox.send(Event(payload, to=peer.conn_id))
+            return
+        peer.limited = False
         if isinstance(message, bytes):
-            await self._reply_error(conn_id, "binary_not_accepted", "binary frames are not accepted; send JSON text")
+            await self._reply_error(peer.conn_id, "binary_not_accepted", "binary frames are not accepted; send JSON text")
             return
         try:
             command = protocol.parse_client_message(message)
         except SpeechError as e:
-            await self._reply_error(conn_id, e.code, e.message)
+            await self._reply_error(peer.conn_id, e.code, e.message)
             return
-        await self.commands.send(Envelope(conn_id, command, received_at))
+        if not peer.grant.control:
+            await self._reply_error(
+                peer.conn_id, "unauthorized", "this connection may listen but not command; connect with the control token"
+            )
+            return
+        if self.stopping.is_set():
+            await self._reply_error(peer.conn_id, "not_initialized", "the daemon is shutting down; no new commands")
+            return
+        await self.commands.send(Envelope(peer.conn_id, command, received_at))
 
     async def _reply_error(self, conn_id: int, code: str, message: str) -> None:
         log.info("command.rejected", code=code, conn=conn_id)

@@ -18,7 +18,8 @@ from pipeline import protocol
 from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import ProviderError
-from pipeline.flow import Envelope, Event, Speech, UtteranceEnd
+from pipeline.flow import Envelope, Event, Shutdown, Speech, UtteranceEnd
+from pipeline.metrics import Metrics
 from pipeline.providers.registry import ProviderSet
 from pipeline.speaking import Speaker, Utterance
 
@@ -33,27 +34,27 @@ class _CloseMark:
 
 
 class UtteranceQueue:
-    """The FIFO of accepted utterances (and close marks) waiting for the speaker."""
+    """The FIFO of accepted utterances (and close and shutdown marks) waiting for the speaker."""
 
     def __init__(self) -> None:
-        self._items: deque[Utterance | _CloseMark] = deque()
+        self._items: deque[Utterance | _CloseMark | Shutdown] = deque()
         self._arrived = trio.Event()
 
     def __len__(self) -> int:
         return sum(isinstance(i, Utterance) for i in self._items)
 
-    def put(self, item: Utterance | _CloseMark) -> None:
+    def put(self, item: Utterance | _CloseMark | Shutdown) -> None:
         self._items.append(item)
         self._arrived.set()
 
-    async def get(self) -> Utterance | _CloseMark:
+    async def get(self) -> Utterance | _CloseMark | Shutdown:
         while not self._items:
             self._arrived = trio.Event()
             await self._arrived.wait()
         return self._items.popleft()
 
     def drop_utterances(self) -> list[Utterance]:
-        """Remove every waiting utterance (close marks stay) and return them."""
+        """Remove every waiting utterance (marks stay) and return them."""
         dropped = [i for i in self._items if isinstance(i, Utterance)]
         self._items = deque(i for i in self._items if not isinstance(i, Utterance))
         return dropped
@@ -72,8 +73,9 @@ class Router:
         self,
         settings: Settings,
         providers: ProviderSet,
-        commands: trio.MemoryReceiveChannel[Envelope],
+        commands: trio.MemoryReceiveChannel[Envelope | Shutdown],
         speech: trio.MemorySendChannel[Speech],
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.providers = providers
@@ -81,6 +83,7 @@ class Router:
         self.speech = speech
         self.current = TTSProvider(settings.provider)
         self.session_open = False
+        self.stopping = False  # the daemon is shutting down: nothing may (re)open the session
         self.queue = UtteranceQueue()
         self.speaking: tuple[Utterance, trio.CancelScope] | None = None
         self.speaker = Speaker(
@@ -89,6 +92,7 @@ class Router:
             fallback=settings.fallback,
             lookahead=settings.lookahead,
             short_first_piece=settings.short_first_piece,
+            metrics=metrics,
         )
         self._ids = itertools.count(1)
 
@@ -103,7 +107,10 @@ class Router:
 
     # ------------------------------------------------------------ commands
 
-    async def _handle(self, envelope: Envelope) -> None:
+    async def _handle(self, envelope: Envelope | Shutdown) -> None:
+        if isinstance(envelope, Shutdown):
+            await self._shut_down(envelope)
+            return
         command, conn = envelope.command, envelope.conn_id
         match command:
             case SendMessage():
@@ -126,7 +133,8 @@ class Router:
     async def _accept(self, command: SendMessage, envelope: Envelope) -> None:
         conn = envelope.conn_id
         if not self.session_open:
-            await self._reject(conn, "not_initialized", "the session is closed; send initialize first")
+            why = "the daemon is shutting down" if self.stopping else "the session is closed; send initialize first"
+            await self._reject(conn, "not_initialized", why)
             return
         if command.provider is not None and (reason := self.providers.unavailable_reason(command.provider)):
             await self._reject(conn, "provider_unavailable", reason)
@@ -151,6 +159,9 @@ class Router:
         self.queue.put(utt)
 
     async def _initialize(self, conn: int | None) -> None:
+        if self.stopping:
+            await self._reject(conn, "not_initialized", "the daemon is shutting down")
+            return
         self.session_open = True
         try:
             reason = self.providers.unavailable_reason(self.current)
@@ -176,6 +187,24 @@ class Router:
                 await self.speech.send(UtteranceEnd(utt.id, "cancelled"))
         await self.speech.send(Event(protocol.event("cancelled", utterance_ids=ids), to=conn))
 
+    async def _shut_down(self, shutdown: Shutdown) -> None:
+        """Accept nothing more, end every waiting utterance as `cancelled`, and give the
+        speaking one `grace` seconds; the speaker passes `shutdown` on when it is done."""
+        self.stopping = True
+        self.session_open = False
+        if self.speaking is not None:
+            self.speaking[1].deadline = trio.current_time() + shutdown.grace
+        dropped = self.queue.drop_utterances()
+        self.queue.put(shutdown)
+        log.info(
+            "daemon.draining",
+            speaking=self.speaking[0].id if self.speaking else None,
+            cancelled=[utt.id for utt in dropped],
+            grace_s=shutdown.grace,
+        )
+        for utt in dropped:
+            await self.speech.send(UtteranceEnd(utt.id, "cancelled"))
+
     async def _reject(self, conn: int | None, code: str, message: str) -> None:
         log.info("command.rejected", code=code, conn=conn)
         if conn is not None:
@@ -184,8 +213,15 @@ class Router:
     # ------------------------------------------------------------ speaking
 
     async def _speak_forever(self) -> None:
+        """Speak the queue in order. At the shutdown mark, release the providers and pass
+        the mark on; the command loop goes on answering late commands until the daemon
+        cancels it."""
         while True:
             item = await self.queue.get()
+            if isinstance(item, Shutdown):
+                await self.providers.aclose()
+                await self.speech.send(item)
+                return
             if isinstance(item, _CloseMark):
                 if not self.session_open:
                     await self.providers.aclose()

@@ -20,11 +20,12 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from pipeline import __version__, protocol
 from pipeline.audio import read_wav
-from pipeline.config import ConfigError, add_setting_flags, load_settings
+from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
 from pipeline.logs import configure_logging
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # a setting is invalid: nothing was started
+EXIT_FAILED = 1  # the daemon could not run (e.g. its port is taken)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="run the daemon until SIGINT/SIGTERM",
         description="Run the daemon. Every setting can also come from SPEECHCAST_<NAME> or the --config file; "
-        "flags beat environment beats file beats defaults.",
+        "flags beat environment beats file beats defaults. A bad setting exits with 2. SIGTERM or SIGINT stops "
+        "gracefully (the speaking utterance gets shutdown_grace seconds, every WebSocket is closed with 1001); "
+        "a second signal stops at once.",
     )
     serve.add_argument("--config", metavar="FILE", help="TOML file with settings (flat keys, e.g. port = 8765)")
     add_setting_flags(serve)
@@ -68,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, default=1, help="utterances to record (default 1)")
     listen.add_argument("--token", help="listen token, when the daemon requires one")
 
-    config = commands.add_parser("config", help="show the effective settings (secrets masked)")
+    config = commands.add_parser(
+        "config",
+        help="show the effective settings (secrets masked)",
+        description="Print the settings `serve` would use with the same flags, environment and --config file, "
+        "as one JSON object (secrets as \"***\"). Exits 2 on a bad setting, like serve.",
+    )
     config.add_argument("--print", action="store_true", required=True, help="print the effective settings as JSON")
     config.add_argument("--config", metavar="FILE", help="TOML file with settings")
     add_setting_flags(config)
@@ -85,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve_or_print(args: argparse.Namespace) -> int:
+    """`serve` and `config --print`: load and check the settings (exit 2 naming the bad
+    one), then print them (secrets masked) or run the daemon until a signal."""
     unknown: list[str] = []
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "print")}
     try:
@@ -93,6 +103,8 @@ def _serve_or_print(args: argparse.Namespace) -> int:
         print(f"speechcast: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "config":
+        for name in unknown:
+            print(f"speechcast: warning: unknown variable {name} ignored", file=sys.stderr)
         print(json.dumps(settings.masked(), indent=2))
         return 0
     configure_logging(settings.log_format)
@@ -101,20 +113,60 @@ def _serve_or_print(args: argparse.Namespace) -> int:
         log.warning("config.unknown_variable", variable=name)
     if settings.is_public_without_tokens():
         log.warning("daemon.public_without_tokens", host=settings.host, hint="set control_token and listen_token")
+    try:
+        trio.run(_serve_until_signalled, settings)
+    except (OSError, BaseExceptionGroup) as e:
+        error = _first_os_error(e)
+        if error is None:
+            raise
+        log.error("daemon.failed", error=str(error))
+        print(f"speechcast: cannot serve: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    # A synthesis cancelled at the end of the grace (or by a second signal) leaves its
+    # worker thread inside ONNX runtime; normal interpreter exit would then abort the
+    # process (SIGABRT). Nothing is left to clean up, so leave without finalization.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _first_os_error(error: BaseException) -> OSError | None:
+    """The OSError (e.g. a port already in use) inside `error`'s exception groups, if any."""
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            if (found := _first_os_error(inner)) is not None:
+                return found
+    return None
+
+
+async def _serve_until_signalled(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT. The first signal stops gracefully (DESIGN.md section 3:
+    at most shutdown_grace for the speaking utterance, then every WebSocket gets 1001);
+    a second one stops at once. Either way the process exits 0."""
     from pipeline.daemon import serve
 
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(serve, settings)
-                async for signum in signals:
-                    log.info("daemon.stopping", signal=signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
-        log.info("daemon.stopped")
+    log = structlog.get_logger()
+    requested = trio.Event()
+    # Opened before the daemon starts, so a signal during start-up is not lost either.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
 
-    trio.run(run)
-    return 0
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    name = signal.Signals(signum).name
+                    if not requested.is_set():
+                        log.info("daemon.signal", signal=name, action="stop gracefully")
+                        requested.set()
+                    else:
+                        log.warning("daemon.signal", signal=name, action="stop now")
+                        log.info("daemon.stopped", graceful=False)
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            await serve(settings, shutdown=requested.wait)
+            nursery.cancel_scope.cancel()
 
 
 # ---------------------------------------------------------------- clients

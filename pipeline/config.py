@@ -3,6 +3,8 @@
 Precedence is flags > environment (`SPEECHCAST_SOME_NAME`) > the `--config` TOML file
 (flat top-level keys) > defaults. Every value is validated at start; a bad one raises
 `ConfigError` naming the setting and the value, and `speechcast serve` exits with 2.
+(Over 300 lines on purpose: the whole settings table, its checks and its loader stay in
+one place, which is what lets deploy/speechcast.toml and the flags be checked against it.)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import dataclasses
 import ipaddress
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,10 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
 
 
+def _non_empty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
 def _url(v: str) -> str | None:
     return None if v.startswith(("http://", "https://")) else "must start with http:// or https://"
 
@@ -78,7 +85,7 @@ class Spec:
 
 
 SPECS: tuple[Spec, ...] = (
-    Spec("host", str, "address to listen on (WebSocket and HTTP)"),
+    Spec("host", str, "address to listen on (WebSocket and HTTP)", _non_empty),
     Spec("port", int, "WebSocket port (0 = any free port)", _port),
     Spec("http_port", int, "HTTP port for health, metrics, /v1/speak and the web page", _port),
     Spec("provider", str, "provider at start: piper, kokoros or openai", _provider),
@@ -140,8 +147,8 @@ class Settings:
     max_pending: int = 64
     max_connections: int = 4096
     shutdown_grace: float = 5.0
-    control_token: str | None = None
-    listen_token: str | None = None
+    control_token: str | None = dataclasses.field(default=None, repr=False)
+    listen_token: str | None = dataclasses.field(default=None, repr=False)
     allowed_origins: tuple[str, ...] = ()
     log_format: str = "json"
     subscriber_queue_bytes: int = 4 * 1024 * 1024
@@ -171,12 +178,14 @@ class Settings:
     openai_api_key: str | None = dataclasses.field(default=None, repr=False)
 
     def masked(self) -> dict[str, Any]:
-        """The settings as plain values with every secret replaced by '***'."""
+        """The settings as plain values with every secret (and URL password) replaced by '***'."""
         out = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name in SECRET_NAMES and value:
                 value = "***"
+            elif field.name.endswith("_url"):
+                value = _mask_url(value)
             out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -236,7 +245,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = sorted(k for k in data if k not in SPECS_BY_NAME or k == "openai_api_key")
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    if "openai_api_key" in data:
+        raise ConfigError(f"config file {path}: openai_api_key is read from {API_KEY_ENV} only, never from a file")
+    unknown = sorted(k for k in data if k not in SPECS_BY_NAME)
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
     return data
@@ -274,13 +287,44 @@ def load_settings(
     for name, (raw, source) in values.items():
         spec = SPECS_BY_NAME[name]
         value = _convert(spec, raw, source)
-        if spec.check is not None and (why := spec.check(value)):
+        if name in SECRET_NAMES and not value:
+            value = None  # `SPEECHCAST_CONTROL_TOKEN=` means "no token", as if unset
+        elif spec.check is not None and (why := spec.check(value)):
             raise ConfigError(f"invalid setting {name} = {raw!r} ({source}): {why}")
         if name == "first_chunks_ms":
             value = [int(x) for x in value]
         settled[name] = tuple(value) if isinstance(value, list) else value
-    api_key = environ.get(API_KEY_ENV) or None
-    return Settings(**settled, openai_api_key=api_key)
+    settings = Settings(**settled, openai_api_key=environ.get(API_KEY_ENV) or None)
+    _check_together(settings, {name: source for name, (_, source) in values.items()})
+    return settings
+
+
+def _check_together(settings: Settings, sources: Mapping[str, str]) -> None:
+    """Checks that involve two settings (or a setting and the API key); raises ConfigError."""
+
+    def fail(name: str, why: str) -> None:
+        value = getattr(settings, name)
+        value = list(value) if isinstance(value, tuple) else value
+        raise ConfigError(f"invalid setting {name} = {value!r} ({sources.get(name, 'the default')}): {why}")
+
+    if len(set(settings.fallback)) != len(settings.fallback):
+        fail("fallback", "lists a provider more than once")
+    if not settings.openai_api_key:
+        if settings.provider == TTSProvider.OPENAI.value:
+            fail("provider", f"openai needs the {API_KEY_ENV} environment variable, which is not set")
+        if TTSProvider.OPENAI.value in settings.fallback:
+            fail("fallback", f"openai needs the {API_KEY_ENV} environment variable, which is not set")
+    if settings.port and settings.port == settings.http_port:
+        fail("http_port", f"the WebSocket already uses port {settings.port}; pick another")
+
+
+def _mask_url(url: str) -> str:
+    """`url` with any password in it replaced by '***' (for printing)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:

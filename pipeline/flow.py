@@ -19,7 +19,7 @@ class SubscriberOptions:
     format: str = "wav"  # wav | pcm
     compress: bool = False
     subscribe: bool = True
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr or log
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ class Join:
     conn_id: int
     connection: Any  # trio_websocket.WebSocketConnection
     options: SubscriberOptions
+    stream: Any = None  # its actors.subscriber_stream.SubscriberStream, for the fast path
 
 
 @dataclass(frozen=True)
@@ -118,5 +119,19 @@ class Leave:
     reason: str
 
 
-Speech = UtteranceBegin | Audio | UtteranceEnd | Event
-Outgoing = Frame | UtteranceStarted | UtteranceFinished | Event | Join | Leave
+# ---- daemon → router → chunker → broadcaster
+
+
+@dataclass(frozen=True, eq=False)
+class Shutdown:
+    """The daemon is stopping (SIGTERM/SIGINT): not a client command. The router cancels
+    what waits, gives the speaking utterance `grace` seconds, then passes this on; the
+    broadcaster delivers what each subscriber has queued, closes it with 1001 and sets
+    `done` once every connection has left."""
+
+    grace: float
+    done: Any  # trio.Event, set by the broadcaster
+
+
+Speech = UtteranceBegin | Audio | UtteranceEnd | Event | Shutdown
+Outgoing = Frame | UtteranceStarted | UtteranceFinished | Event | Join | Leave | Shutdown

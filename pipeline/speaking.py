@@ -22,6 +22,7 @@ from pipeline.audio import Resampler, SampleAligner
 from pipeline.commands import TTSProvider
 from pipeline.errors import ProviderError, ProviderFailed
 from pipeline.flow import Audio, Event, Speech, UtteranceBegin
+from pipeline.metrics import Metrics
 from pipeline.providers.base import Provider
 from pipeline.providers.registry import ProviderSet
 from pipeline.text import iter_pieces
@@ -70,8 +71,10 @@ class Speaker:
         fallback: tuple[str, ...],
         lookahead: int,
         short_first_piece: bool,
+        metrics: Metrics | None = None,
     ) -> None:
         self.providers = providers
+        self.metrics = metrics or Metrics()
         self.sample_rate = sample_rate
         self.fallback = tuple(TTSProvider(p) for p in fallback)
         self.lookahead = lookahead
@@ -219,6 +222,7 @@ class _Run:
 
     async def _report(self, name: TTSProvider, failure: ProviderError) -> None:
         self.speaker.providers.record_failure(name)
+        self.speaker.metrics.provider_failed(name.value, failure.code)
         self.position += 1
         successor = await self.current()
         recovered = successor is not None

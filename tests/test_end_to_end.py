@@ -25,7 +25,7 @@ from tests.support import (
     send,
 )
 
-BASE = Settings(port=0)
+BASE = Settings(port=0, http_port=0)
 
 
 def url(daemon, query: str = "") -> str:

@@ -16,7 +16,7 @@ from pipeline.daemon import running_daemon
 from pipeline.flow import Frame, Join, SubscriberOptions
 from tests.support import ScriptedProvider, provider_set, send, tone
 
-SETTINGS = Settings(port=0)
+SETTINGS = Settings(port=0, http_port=0)
 QUERIES = ["", "?format=pcm", "?compress=1", "?format=pcm&compress=1"]
 
 

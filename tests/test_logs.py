@@ -20,7 +20,7 @@ from tests.support import Heard, ScriptedProvider, finished, of_type, provider_s
 
 
 async def test_an_utterance_leaves_the_documented_events_each_with_its_utterance_id():
-    settings = dataclasses.replace(Settings(port=0), provider="kokoros", fallback=("piper",), short_first_piece=False)
+    settings = dataclasses.replace(Settings(port=0, http_port=0), provider="kokoros", fallback=("piper",), short_first_piece=False)
     kokoros = ScriptedProvider(TTSProvider.KOKOROS, script=lambda text: [ProviderFailed("HTTP 500 with no details")])
     piper = ScriptedProvider(TTSProvider.PIPER)
     with trio.fail_after(30), capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logs:

@@ -25,7 +25,7 @@ def closed_port() -> int:
 
 
 def settings_for(kokoros_url: str, openai_url: str | None = None, **changes) -> Settings:
-    base = dataclasses.replace(Settings(port=0), provider="kokoros")
+    base = dataclasses.replace(Settings(port=0, http_port=0), provider="kokoros")
     return dataclasses.replace(
         base,
         kokoros_url=kokoros_url,

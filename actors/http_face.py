@@ -1,0 +1,273 @@
+"""HTTP face: health, readiness, metrics, `POST /v1/speak`, `/v1/info` and the web client,
+served by hypercorn's trio worker inside the daemon's own process (same host as the
+WebSocket, port `http_port`).
+
+`POST /v1/speak` goes through the same pipeline as a WebSocket command: each request
+joins the broadcaster as a short-lived control-only pseudo-connection, sends its
+Envelope to the router, and answers with the router's `accepted` or `error` reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from actors.broadcaster import StatusView
+from pipeline import __version__, access, protocol
+from pipeline.commands import Command, TTSProvider
+from pipeline.config import Settings
+from pipeline.errors import SpeechError
+from pipeline.flow import Envelope, Join, Leave, Outgoing, SubscriberOptions
+from pipeline.metrics import CONTENT_TYPE, Metrics
+from pipeline.providers.registry import ProviderSet
+
+log = structlog.get_logger()
+
+WEB_ROOT: Final = Path(__file__).resolve().parent.parent / "web"
+# The HTTP status of each error code a /v1/speak request can get.
+STATUS_BY_CODE: Final = {
+    "unauthorized": 401,
+    "queue_full": 429,
+    "rate_limited": 429,
+    "not_initialized": 503,
+    "provider_unavailable": 503,
+}
+# The router takes a command in microseconds; not being able to hand one over for this
+# long means the daemon is overloaded, which the client hears as 429 queue_full.
+HANDOVER_TIMEOUT: Final = 5.0
+# The router answers every command, at worst after checking a provider (connect_timeout).
+REPLY_TIMEOUT: Final = 30.0
+# Rate-limit buckets are kept per client address; past this many addresses they are all
+# forgotten (a full bucket is the same as a new one, so only mid-burst clients gain).
+MAX_TRACKED_CLIENTS: Final = 4096
+# Hypercorn logs through this logger; only warnings and errors (its start-up banner
+# would be a non-JSON line; the daemon logs `daemon.started` with the port instead).
+HYPERCORN_LOG: Final = logging.getLogger("speechcast.http")
+HYPERCORN_LOG.setLevel(logging.WARNING)
+
+
+def http_connection_ids() -> itertools.count[int]:
+    """Connection ids for HTTP requests: intake counts up from 1, these count down from
+    -1, so the broadcaster and router never see one id used twice."""
+    return itertools.count(-1, -1)
+
+
+class ReplyInbox:
+    """What the broadcaster sees of one HTTP request: a connection whose messages land in
+    a memory channel for the request handler to read."""
+
+    def __init__(self) -> None:
+        # Unbounded but short-lived: it gets `hello` and one reply before the Leave.
+        self._send, self._receive = trio.open_memory_channel[str | bytes](math.inf)
+
+    async def send_message(self, data: str | bytes) -> None:
+        with contextlib.suppress(trio.ClosedResourceError):  # a late message after aclose
+            self._send.send_nowait(data)
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        self._send.close()
+
+    async def reply(self) -> dict[str, Any] | None:
+        """The first `accepted` or `error` event; None if the broadcaster closed us."""
+        async for data in self._receive:
+            if isinstance(data, str):
+                event = json.loads(data)
+                if event.get("type") in ("accepted", "error"):
+                    return event
+        return None
+
+
+class HttpFace:
+    """The HTTP actor.
+
+    Resource handling: owns its clones of the commands and outbox channels (closed when
+    it stops) and hypercorn's listener. It reads the session through `status`, an
+    observation from the broadcaster, and asks `providers` only read-only questions.
+    Once `stopping` is set (graceful shutdown), /readyz and /v1/speak answer 503.
+    Error handling: every refused request gets the WebSocket's `error` event as its JSON
+    body with the HTTP status of STATUS_BY_CODE (400 for bad input).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        commands: trio.MemorySendChannel[Envelope],
+        outbox: trio.MemorySendChannel[Outgoing],
+        *,
+        status: Callable[[], StatusView],
+        providers: ProviderSet,
+        metrics: Metrics,
+        ws_port: int,
+        stopping: trio.Event | None = None,
+        web_root: Path = WEB_ROOT,
+    ) -> None:
+        self.settings = settings
+        self.commands = commands
+        self.outbox = outbox
+        self.status = status
+        self.providers = providers
+        self.metrics = metrics
+        self.ws_port = ws_port
+        self.stopping = stopping if stopping is not None else trio.Event()
+        self.web_root = web_root
+        self._ids = http_connection_ids()
+        self._buckets: dict[str, access.TokenBucket] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; `task_status` gets the bound port."""
+        config = Config()
+        host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
+        config.bind = [f"{host}:{self.settings.http_port}"]
+        config.errorlog = HYPERCORN_LOG
+        config.accesslog = None
+        async with self.commands, self.outbox, trio.open_nursery() as nursery:
+            # Starlette is an ASGI app; hypercorn's stricter ASGI typing does not see that.
+            binds = await nursery.start(functools.partial(serve, self.app(), config))  # type: ignore[arg-type]
+            task_status.started(int(binds[0].rsplit(":", 1)[1]))
+
+    def app(self) -> Starlette:
+        routes: list[Route | Mount] = [
+            Route("/healthz", self.healthz),
+            Route("/readyz", self.readyz),
+            Route("/metrics", self.metrics_text),
+            Route("/v1/info", self.info),
+            Route("/v1/speak", self.speak, methods=["POST"]),
+        ]
+        if self.web_root.is_dir():
+            routes.append(Mount("/", StaticFiles(directory=self.web_root, html=True)))
+        return Starlette(routes=routes)
+
+    # ------------------------------------------------------------ routes
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        view = self.status()
+        reason = self.providers.unavailable_reason(TTSProvider(view.provider))
+        if self.stopping.is_set():
+            reason = "the daemon is shutting down"
+        elif reason is None and view.session != "open":
+            reason = "the session is closed; send initialize"
+        if reason is not None:
+            return JSONResponse({"status": "not_ready", "provider": view.provider, "reason": reason}, 503)
+        return JSONResponse({"status": "ready", "provider": view.provider})
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def info(self, request: Request) -> Response:
+        view = self.status()
+        return JSONResponse(
+            {
+                "version": __version__,
+                "ws_port": self.ws_port,
+                "provider": view.provider,
+                "providers": list(protocol.PROVIDER_NAMES),
+                "session": view.session,
+            }
+        )
+
+    async def speak(self, request: Request) -> Response:
+        """`{"text", "voice"?, "provider"?, "speed"?}` → 202 `{"utterance_id", "position"}`."""
+        try:
+            token = access.presented_token(request.query_params.get("token"), request.headers.raw)
+            if not access.grant_for(self.settings, token).control:
+                return _refuse(401, "unauthorized", "this token may not send commands; use the control token")
+        except access.HandshakeError as e:
+            return _refuse(e.status, "unauthorized", e.message)
+        if self.stopping.is_set():
+            return _refuse(503, "not_initialized", "the daemon is shutting down; try again later")
+        if (wait := self._rate_limit_wait(request)) is not None:
+            return _rate_limited(self.settings, wait)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > self.settings.max_message_size:
+                return _refuse(413, "text_too_long", f"the body is over {self.settings.max_message_size} bytes")
+        received_at = trio.current_time()
+        try:
+            command = protocol.parse_client_message(_as_send_message(bytes(body)))
+        except SpeechError as e:
+            return _refuse(400, e.code, e.message)
+        reply = await self._submit(command, received_at)
+        if reply["type"] == "accepted":
+            return JSONResponse({"utterance_id": reply["utterance_id"], "position": reply["position"]}, 202)
+        status = STATUS_BY_CODE.get(reply["code"], 400)
+        headers = {"Retry-After": "1"} if status == 429 else None
+        return JSONResponse(reply, status, headers=headers)
+
+    def _rate_limit_wait(self, request: Request) -> float | None:
+        """None when this client address may send a command now (the WebSocket's
+        rate_limit / rate_burst per connection, here per address), else seconds to wait."""
+        address = request.client.host if request.client is not None else ""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= MAX_TRACKED_CLIENTS:
+                self._buckets.clear()
+            bucket = self._buckets[address] = access.TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
+        return None if bucket.take() else bucket.wait_seconds()
+
+    async def _submit(self, command: Command, received_at: float) -> dict[str, Any]:
+        """Send one command through the router as a pseudo-connection; its reply event."""
+        conn_id = next(self._ids)
+        inbox = ReplyInbox()
+        # Join goes first on the outbox, so the broadcaster knows us before any reply.
+        await self.outbox.send(Join(conn_id, inbox, SubscriberOptions(subscribe=False)))
+        try:
+            with trio.move_on_after(HANDOVER_TIMEOUT) as handover:
+                await self.commands.send(Envelope(conn_id, command, received_at))
+            if handover.cancelled_caught:
+                return protocol.error("queue_full", "the daemon is too busy to take commands; try again later")
+            with trio.move_on_after(REPLY_TIMEOUT):
+                reply = await inbox.reply()
+                # No reply means the broadcaster closed us: the daemon is going away.
+                return reply or protocol.error("not_initialized", "the daemon is shutting down; try again later")
+            return protocol.error("provider_unavailable", f"the daemon did not answer within {REPLY_TIMEOUT:g} s")
+        finally:
+            with trio.move_on_after(1) as cleanup:
+                cleanup.shield = True
+                await self.outbox.send(Leave(conn_id, "http request done"))
+
+
+def _as_send_message(body: bytes) -> str:
+    """The body as a WebSocket send_message, so both faces share one validation."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return body.decode("utf-8", "replace")  # parse_client_message reports invalid_json
+    if isinstance(message, dict):
+        message = {**message, "type": "send_message"}
+    return json.dumps(message)
+
+
+def _rate_limited(settings: Settings, wait: float) -> Response:
+    message = (
+        f"more than {settings.rate_limit:g} commands per second (bursts of {settings.rate_burst}); "
+        f"try again in {wait:.2g} s"
+    )
+    log.info("command.rejected", code="rate_limited", via="http")
+    payload = {**protocol.error("rate_limited", message), "retry_after": wait}
+    return JSONResponse(payload, 429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def _refuse(status: int, code: str, message: str) -> Response:
+    log.info("command.rejected", code=code, via="http")
+    return JSONResponse(protocol.error(code, message), status)

@@ -1,0 +1,191 @@
+"""The web page in a real browser: Debian's Chromium driven by Playwright's sync API,
+against a daemon (real Piper voice, ports 0) running under trio in a background thread.
+
+Playwright's async API is asyncio-only, so these are plain (non-trio) test functions and
+the daemon gets its own trio loop in a thread. Every wait is for a condition in the page
+(`wait_for_function`), never a sleep. Set SPEECHCAST_SCREENSHOT=path to also save a
+screenshot of the page mid-utterance (that is how docs/screenshot.png is made).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from playwright import sync_api
+
+from pipeline.config import Settings
+from pipeline.daemon import RunningDaemon, serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium keeps dialling out of a closed network.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
+WAIT_MS = 60_000
+TEXT = "The quick brown fox jumps over the lazy dog. Then it naps in the warm afternoon sun, quite pleased."
+# Tolerance for "contiguous": well under one sample at 24 kHz would be too strict for
+# floating point, 1 ms is far below anything audible as a gap or a doubled sound.
+CONTIGUOUS_S = 0.001
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (`make test` installs it)")
+
+
+@contextmanager
+def daemon_in_thread(settings: Settings) -> Iterator[RunningDaemon]:
+    """Run the real daemon under trio in a background thread for the block's duration."""
+    handed: queue.Queue[Any] = queue.Queue()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            daemon = await nursery.start(serve, settings)
+            handed.put((daemon, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    def main() -> None:
+        try:
+            trio.run(run)
+        except BaseException as e:  # hand start-up failures to the test
+            handed.put(e)
+
+    thread = threading.Thread(target=main, name="speechcast-daemon", daemon=True)
+    thread.start()
+    item = handed.get(timeout=60)
+    if isinstance(item, BaseException):
+        raise item
+    daemon, token, scope = item
+    try:
+        yield daemon
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[RunningDaemon]:
+    with daemon_in_thread(Settings(port=0, http_port=0)) as running:
+        yield running
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 900, "height": 640},
+        )
+        page = context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        try:
+            yield page
+        finally:
+            context.close()
+
+
+def open_page(page: Any, daemon: RunningDaemon, query: str) -> None:
+    page.goto(f"http://127.0.0.1:{daemon.http_port}/{query}")
+    page.wait_for_function("document.getElementById('connection').dataset.state === 'connected'", timeout=WAIT_MS)
+
+
+def speak(page: Any, text: str) -> None:
+    page.fill("#text", text)
+    page.click("#speak")
+
+
+def page_state(page: Any) -> dict[str, Any]:
+    return page.evaluate(
+        """() => ({
+            events: window.speechcast.events.map((e) => e.event),
+            timeline: window.speechcast.timeline,
+            decodeErrors: window.speechcast.decodeErrors,
+            log: window.speechcast.log,
+            playing: window.speechcast.player.playing(),
+        })"""
+    )
+
+
+def one(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    matching = [e for e in events if e["type"] == kind]
+    assert len(matching) == 1, (kind, matching)
+    return matching[0]
+
+
+@pytest.mark.parametrize("query", ["", "?format=pcm&compress=1"], ids=["wav", "pcm-compressed"])
+def test_the_page_plays_an_utterance_without_gaps(daemon, page, query):
+    open_page(page, daemon, query)
+    speak(page, TEXT)
+    page.wait_for_function("window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
+    state = page_state(page)
+
+    accepted = one(state["events"], "accepted")
+    started = one(state["events"], "utterance_started")
+    done = one(state["events"], "utterance_finished")
+    assert started["utterance_id"] == done["utterance_id"] == accepted["utterance_id"]
+    assert done["status"] == "ok" and done["ttfa_ms"] > 0
+    assert started["format"] == ("pcm" if "pcm" in query else "wav")
+
+    chunks = [c for c in state["timeline"] if c["utteranceId"] == done["utterance_id"]]
+    # Every chunk the daemon sent was decoded and scheduled.
+    assert [c["chunkId"] for c in chunks] == list(range(started["first_chunk_id"], done["last_chunk_id"] + 1))
+    assert len(chunks) == done["chunks"]
+    assert all(c["ok"] for c in chunks)
+    assert state["decodeErrors"] == []
+    # Each buffer starts where the previous one ends: no gap, no overlap.
+    for before, after in itertools.pairwise(chunks):
+        assert abs(after["start"] - (before["start"] + before["duration"])) <= CONTIGUOUS_S, (before, after)
+    # What was scheduled is as long as what the daemon says it sent.
+    assert abs(sum(c["duration"] for c in chunks) * 1000 - done["audio_ms"]) <= 1
+    # The event log shows the utterance with its TTFA.
+    finished_lines = [line["text"] for line in state["log"] if line["utteranceId"] == done["utterance_id"]]
+    assert any(f"finished ok: {done['chunks']} chunks" in t and "TTFA" in t for t in finished_lines)
+    assert page.errors == []
+
+
+def test_cancel_stops_the_sound_and_the_daemon_says_cancelled(daemon, page):
+    open_page(page, daemon, "")
+    speak(page, " ".join([TEXT] * 40)[:4000])  # synthesis outlasts the click by seconds
+    page.wait_for_function("window.speechcast.player.playing() > 0", timeout=WAIT_MS)
+    page.click("#cancel")
+    page.wait_for_function(
+        "window.speechcast.events.some((e) => e.event.type === 'utterance_finished')", timeout=WAIT_MS
+    )
+    page.wait_for_function("window.speechcast.events.some((e) => e.event.type === 'cancelled')", timeout=WAIT_MS)
+    state = page_state(page)
+    done = one(state["events"], "utterance_finished")
+    assert done["status"] == "cancelled"
+    assert one(state["events"], "cancelled")["utterance_ids"] == [done["utterance_id"]]
+    assert state["playing"] == 0
+    assert page.errors == []
+
+
+@pytest.mark.skipif(not os.environ.get("SPEECHCAST_SCREENSHOT"), reason="set SPEECHCAST_SCREENSHOT=path to take it")
+def test_screenshot_for_the_readme(daemon, page):
+    """Not a check: the picture in docs/, one utterance done and one mid-way."""
+    open_page(page, daemon, "")
+    speak(page, "Hello from speechcast.")
+    page.wait_for_function("window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
+    speak(page, TEXT)
+    page.wait_for_function("window.speechcast.log.filter((l) => l.kind === 'speaking').length === 2", timeout=WAIT_MS)
+    page.wait_for_function("parseFloat(document.getElementById('level').style.width) > 20", timeout=WAIT_MS)
+    page.screenshot(path=os.environ["SPEECHCAST_SCREENSHOT"])
+    # Let the voice finish, so no synthesis thread is left running at teardown.
+    page.wait_for_function("window.speechcast.log.filter((l) => l.kind === 'done').length === 2", timeout=WAIT_MS)

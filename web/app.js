@@ -1,0 +1,198 @@
+// The speechcast page: finds the daemon's WebSocket through GET /v1/info, stays connected
+// (reconnecting with backoff), plays the stream with AudioPlayer, and logs every event.
+// Page options: ?format=pcm, ?compress=1, ?token=... (passed on to the WebSocket).
+
+import { AudioPlayer } from "./player.js";
+
+const RECONNECT_FIRST_S = 0.5;
+const RECONNECT_MAX_S = 10;
+const LOG_LIMIT = 200;
+
+const params = new URLSearchParams(location.search);
+const format = params.get("format") === "pcm" ? "pcm" : "wav";
+const compress = params.get("compress") === "1";
+const token = params.get("token");
+
+const $ = (id) => document.getElementById(id);
+const player = new AudioPlayer({ format });
+const state = { ws: null, backoff: RECONNECT_FIRST_S, provider: null };
+
+// What tests (and curious people) can read from the console.
+window.speechcast = {
+  player,
+  events: [], // every event received, in order, as {at, event}
+  log: [], // every line of the event log, oldest first, as {kind, text, utteranceId}
+  get timeline() {
+    return player.timeline;
+  },
+  get decodeErrors() {
+    return player.decodeErrors;
+  },
+};
+
+function setConnection(kind, text) {
+  const indicator = $("connection");
+  indicator.dataset.state = kind;
+  indicator.textContent = text;
+  $("speak").disabled = $("cancel").disabled = kind !== "connected";
+}
+
+function log(kind, text, utteranceId = null) {
+  window.speechcast.log.push({ kind, text, utteranceId });
+  const item = document.createElement("li");
+  item.className = kind;
+  if (utteranceId) item.dataset.utterance = utteranceId;
+  const time = document.createElement("time");
+  time.textContent = new Date().toLocaleTimeString();
+  item.append(time, ` ${text}`);
+  const list = $("log");
+  list.prepend(item);
+  while (list.children.length > LOG_LIMIT) list.lastChild.remove();
+}
+
+function showProviders(names, current) {
+  state.provider = current;
+  const select = $("provider");
+  if (select.options.length !== names.length) {
+    select.replaceChildren(...names.map((name) => new Option(name, name)));
+  }
+  select.value = current;
+}
+
+function onEvent(event) {
+  window.speechcast.events.push({ at: performance.now(), event });
+  switch (event.type) {
+    case "hello":
+      showProviders(event.providers, event.provider);
+      log("info", `connected to speechcast ${event.version}: session ${event.session}, provider ${event.provider}`);
+      break;
+    case "ready":
+      showProviders(event.providers, event.provider);
+      log("info", `ready: provider ${event.provider}`);
+      break;
+    case "provider_changed":
+      state.provider = event.provider;
+      $("provider").value = event.provider;
+      log("info", `provider changed to ${event.provider}`);
+      break;
+    case "accepted":
+      log("info", `${event.utterance_id} accepted, ${event.position} ahead of it`, event.utterance_id);
+      break;
+    case "utterance_started":
+      player.started(event);
+      log("speaking", `${event.utterance_id} speaking with ${event.provider} (${event.voice}, ${event.sample_rate} Hz)`, event.utterance_id);
+      break;
+    case "utterance_finished":
+      // Logged once the player has taken every chunk before it (decoded and scheduled).
+      player.finished(event).then(() => logFinished(event));
+      break;
+    case "cancelled":
+      player.stop(event.utterance_ids);
+      log("info", `cancelled ${event.utterance_ids.join(", ") || "nothing (all quiet)"}`);
+      break;
+    case "error":
+      log("error", `error ${event.code}: ${event.message}`, event.utterance_id);
+      break;
+    case "closed":
+      log("info", "session closed");
+      break;
+    default:
+      break; // newer event types: ignored, as the protocol asks
+  }
+}
+
+function logFinished(event) {
+  const ttfa = event.ttfa_ms == null ? "no audio" : `TTFA ${Math.round(event.ttfa_ms)} ms`;
+  const seconds = (event.audio_ms / 1000).toFixed(2);
+  const text = `${event.utterance_id} finished ${event.status}: ${event.chunks} chunks, ${seconds} s, ${ttfa}`;
+  log(event.status === "ok" ? "done" : "error", text, event.utterance_id);
+}
+
+function onMessage(message) {
+  if (typeof message.data !== "string") {
+    player.frame(message.data);
+    return;
+  }
+  let event;
+  try {
+    event = JSON.parse(message.data);
+  } catch {
+    return;
+  }
+  onEvent(event);
+}
+
+async function webSocketUrl() {
+  const info = await (await fetch("/v1/info", { cache: "no-store" })).json();
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const query = new URLSearchParams({ format, compress: compress ? "1" : "0" });
+  if (token) query.set("token", token);
+  return `${scheme}://${location.hostname}:${info.ws_port}/?${query}`;
+}
+
+async function connect() {
+  setConnection("connecting", "connecting…");
+  let url;
+  try {
+    url = await webSocketUrl();
+  } catch {
+    reconnectLater();
+    return;
+  }
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  state.ws = ws;
+  ws.onopen = () => {
+    state.backoff = RECONNECT_FIRST_S;
+    setConnection("connected", "connected");
+  };
+  ws.onmessage = onMessage;
+  ws.onclose = (close) => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    log("error", `connection closed (${close.code}${close.reason ? " " + close.reason : ""})`);
+    reconnectLater();
+  };
+}
+
+function reconnectLater() {
+  const delay = state.backoff;
+  state.backoff = Math.min(RECONNECT_MAX_S, state.backoff * 2);
+  setConnection("disconnected", `disconnected, retrying in ${delay.toFixed(1)} s`);
+  setTimeout(connect, delay * 1000);
+}
+
+function send(message) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return false;
+  state.ws.send(JSON.stringify(message));
+  return true;
+}
+
+$("speak-form").addEventListener("submit", (submit) => {
+  submit.preventDefault();
+  const text = $("text").value;
+  if (!text.trim()) return;
+  const message = { type: "send_message", text };
+  const provider = $("provider").value;
+  if (provider && provider !== state.provider) message.provider = provider; // a one-off choice
+  player.resume();
+  send(message);
+});
+
+$("cancel").addEventListener("click", () => {
+  player.stopAll();
+  send({ type: "cancel", all: true });
+});
+
+// Browsers keep audio suspended until the person interacts with the page.
+for (const kind of ["pointerdown", "keydown"]) {
+  document.addEventListener(kind, () => player.resume(), { once: true });
+}
+
+function drawLevel() {
+  $("level").style.width = `${Math.round(player.level() * 100)}%`;
+  requestAnimationFrame(drawLevel);
+}
+
+requestAnimationFrame(drawLevel);
+connect();
