@@ -13,14 +13,14 @@ only what a socket cannot take at once goes through the queue and the sender tas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import structlog
 import trio
 from trio_websocket import ConnectionClosed
 
-from actors.subscriber_stream import SubscriberStream, message_frame
+from actors.subscriber import Pending, Subscriber
+from actors.subscriber_stream import message_frame
 from pipeline import protocol
 from pipeline.audio import wav_bytes
 from pipeline.config import Settings
@@ -55,57 +55,6 @@ class StatusView:
     session: str  # open · closed
     provider: str
     subscribers: int
-
-
-@dataclass(frozen=True)
-class Pending:
-    """Queued when the socket took only part of a frame: the sender flushes the rest."""
-
-    size: int
-
-
-@dataclass
-class Subscriber:
-    """One connection: its options, its outgoing queue (bounded in bytes) and sender."""
-
-    conn_id: int
-    connection: Any
-    options: SubscriberOptions
-    limit: int
-    queue_send: trio.MemorySendChannel[str | bytes | Pending]
-    queue_recv: trio.MemoryReceiveChannel[str | bytes | Pending]
-    queued_bytes: int = 0
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    dropped: bool = False
-    going_away: bool = False  # the daemon stops: send what is queued, then close with 1001
-    stream: SubscriberStream | None = None  # a WebSocket's socket: the fast path for frames
-
-    def write_through(self, wire: bytes) -> bool:
-        """Hand a whole frame's wire bytes to the socket now, when nothing is queued or
-        being written for this subscriber; False when `wire` must be queued instead."""
-        if self.stream is None or self.queued_bytes or self.dropped or self.going_away:
-            return False
-        if self.connection.closed is not None:
-            return False
-        left = self.stream.write_nowait(wire)
-        if left is None:
-            return False
-        if left:
-            # The rest goes out before anything else; the sender task writes it.
-            self.queued_bytes += left
-            self.queue_send.send_nowait(Pending(left))
-        return True
-
-    def push(self, data: str | bytes) -> bool:
-        """Queue `data`; False when that would exceed the subscriber's byte limit."""
-        if self.dropped or self.going_away:
-            return True
-        size = len(data)
-        if self.queued_bytes + size > self.limit:
-            return False
-        self.queued_bytes += size
-        self.queue_send.send_nowait(data)
-        return True
 
 
 class Broadcaster:

@@ -5,8 +5,6 @@ print the effective configuration.
 from __future__ import annotations
 
 import argparse
-import functools
-import gc
 import json
 import os
 import signal
@@ -167,13 +165,7 @@ async def _serve_until_signalled(settings: Settings) -> None:
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_signals)
-            async with trio.open_nursery() as daemon:
-                await daemon.start(functools.partial(serve, settings, shutdown=requested.wait))
-                # What start-up built (the voice, the actors) lives as long as the process:
-                # keep it out of the collector, whose full passes otherwise pause fan-out
-                # to thousands of subscribers (docs/fanout.md).
-                gc.collect()
-                gc.freeze()
+            await serve(settings, shutdown=requested.wait)
             nursery.cancel_scope.cancel()
 
 

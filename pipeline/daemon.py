@@ -8,6 +8,7 @@ the HTTP face, which enters the same pipeline through clones of the same channel
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -87,6 +88,11 @@ async def serve(
             stopping=stopping,
         )
         http_port = await nursery.start(http_face.run)
+        # What start-up built (the voice, the actors, the libraries) lives as long as the
+        # process: keep it out of the cyclic collector, whose full passes otherwise pause
+        # fan-out to thousands of subscribers (docs/fanout.md).
+        gc.collect()
+        gc.freeze()
         log.info(
             "daemon.started",
             version=__version__,

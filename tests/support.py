@@ -68,6 +68,21 @@ class ScriptedProvider(Provider):
             yield item
 
 
+class HeldVoice(ScriptedProvider):
+    """Speaks one block of audio, then holds until `release` is set, then one more: an
+    utterance that is "in the middle" for as long as a test needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+
+    async def synthesize(self, text: str, voice: str | None, speed: float | None) -> AsyncIterator[bytes]:
+        self.texts.append(text)
+        yield tone(4800)
+        await self.release.wait()
+        yield tone(4800)
+
+
 class RecordingPiper(PiperProvider):
     """The real embedded voice, remembering every byte it produced."""
 

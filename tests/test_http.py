@@ -22,7 +22,7 @@ from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.daemon import RunningDaemon, running_daemon, serve
 from pipeline.errors import ProviderFailed
-from tests.support import Heard, ScriptedProvider, finished, of_type, provider_set, receive_until, send, tone
+from tests.support import Heard, HeldVoice, ScriptedProvider, finished, of_type, provider_set, receive_until, send, tone
 
 BASE = Settings(port=0, http_port=0)
 
@@ -214,19 +214,6 @@ async def test_metrics_count_what_subscribers_received_and_provider_failures():
     assert values[("speechcast_bytes_sent_total", ())] == sum(9 + len(f.audio) for f in heard.frames)
     assert values[("speechcast_subscribers", ())] == 1
     assert values[("speechcast_ttfa_seconds_count", ())] == 1
-
-
-class HeldVoice(ScriptedProvider):
-    """Speaks one block of audio, then holds until `release` is set."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = trio.Event()
-
-    async def synthesize(self, text: str, voice: str | None, speed: float | None) -> AsyncIterator[bytes]:
-        self.texts.append(text)
-        yield tone(4800)
-        await self.release.wait()
 
 
 async def test_a_stopping_daemon_is_not_ready_and_takes_no_more_text():

@@ -10,7 +10,6 @@ Loopback, port 0, `trio.fail_after` around all I/O; the bounds are the only timi
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
@@ -26,28 +25,14 @@ from pipeline.flow import Audio, Envelope, Event, Shutdown, UtteranceBegin, Utte
 from tests.serve_process import serve_process
 from tests.support import (
     Heard,
+    HeldVoice,
     ScriptedProvider,
     finished,
     of_type,
     provider_set,
     receive_until,
     send,
-    tone,
 )
-
-
-class HeldVoice(ScriptedProvider):
-    """Speaks one block of audio, then holds until `release` is set, then one more."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = trio.Event()
-
-    async def synthesize(self, text: str, voice: str | None, speed: float | None) -> AsyncIterator[bytes]:
-        self.texts.append(text)
-        yield tone(4800)
-        await self.release.wait()
-        yield tone(4800)
 
 
 def url(port: int, query: str = "") -> str:
