@@ -155,6 +155,8 @@ class Chunker:
                     rtf=rtf,
                 ),
                 rtf=rtf,
-                provider=end.provider,
+                # The provider whose audio was heard first (a fallback, when the chosen one
+                # failed before any audio); the chosen one when nothing was heard.
+                provider=state.begin.provider.value if state else end.provider,
             )
         )

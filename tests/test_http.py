@@ -207,7 +207,7 @@ async def test_metrics_count_what_subscribers_received_and_provider_failures():
     assert done["status"] == "ok"
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain")
     values = samples(page.text)
-    assert values[("speechcast_utterances_total", (("provider", "kokoros"), ("status", "ok")))] == 1
+    assert values[("speechcast_utterances_total", (("provider", "piper"), ("status", "ok")))] == 1
     assert values[("speechcast_provider_failures_total", (("code", "provider_failed"), ("provider", "kokoros")))] == 1
     assert values[("speechcast_chunks_sent_total", ())] == len(heard.frames)
     # Each frame is the 9-byte VOICE_DATA header plus a WAV file.
