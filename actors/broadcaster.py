@@ -256,6 +256,11 @@ class Broadcaster:
 
     def _go_away(self, sub: Subscriber) -> None:
         sub.going_away = True
+        self._wind_down(sub)
+
+    def _wind_down(self, sub: Subscriber) -> None:
+        """Take nothing more for `sub`; its sender finishes what it is writing (within
+        close_timeout) and then closes the connection."""
         sub.scope.deadline = min(sub.scope.deadline, trio.current_time() + self.settings.close_timeout)
         sub.queue_send.close()
 
@@ -263,9 +268,7 @@ class Broadcaster:
         """Close a subscriber that cannot keep up; everyone else carries on."""
         sub.dropped = True
         log.warning("subscriber.too_slow", conn=sub.conn_id, queued_bytes=sub.queued_bytes, limit=sub.limit)
-        # Whatever it is sending now may finish within close_timeout; then it is closed.
-        sub.scope.deadline = min(sub.scope.deadline, trio.current_time() + self.settings.close_timeout)
-        sub.queue_send.close()
+        self._wind_down(sub)
 
     async def _run_sender(self, sub: Subscriber) -> None:
         try:

@@ -259,12 +259,8 @@ def _as_send_message(body: bytes) -> str:
 
 
 def _rate_limited(settings: Settings, wait: float) -> Response:
-    message = (
-        f"more than {settings.rate_limit:g} commands per second (bursts of {settings.rate_burst}); "
-        f"try again in {wait:.2g} s"
-    )
     log.info("command.rejected", code="rate_limited", via="http")
-    payload = {**protocol.error("rate_limited", message), "retry_after": wait}
+    payload = access.rate_limited_error(settings, wait)
     return JSONResponse(payload, 429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
 
 

@@ -220,14 +220,8 @@ class Intake:
             if not peer.limited:
                 peer.limited = True
                 log.info("command.rejected", code="rate_limited", conn=peer.conn_id)
-            wait = peer.bucket.wait_seconds()
-            message = (
-                f"more than {self.settings.rate_limit:g} commands per second (bursts of "
-                f"{self.settings.rate_burst}); try again in {wait:g} s"
-            )
-            # `retry_after` (seconds) is an extension field, so a client need not parse text.
-            payload = {**protocol.error("rate_limited", message), "retry_after": wait}
-            await self.outbox.send(Event(payload, to=peer.conn_id))
+            error = access.rate_limited_error(self.settings, peer.bucket.wait_seconds())
+            await self.outbox.send(Event(error, to=peer.conn_id))
             return
         peer.limited = False
         if isinstance(message, bytes):

@@ -182,10 +182,15 @@ class Router:
             scope.cancel()
             ids.append(utt.id)
         if everything:
-            for utt in self.queue.drop_utterances():
-                ids.append(utt.id)
-                await self.speech.send(UtteranceEnd(utt.id, "cancelled"))
+            ids += await self._cancel_waiting()
         await self.speech.send(Event(protocol.event("cancelled", utterance_ids=ids), to=conn))
+
+    async def _cancel_waiting(self) -> list[str]:
+        """Drop every queued utterance, each ending as `cancelled`; their ids."""
+        dropped = [utt.id for utt in self.queue.drop_utterances()]
+        for utt_id in dropped:
+            await self.speech.send(UtteranceEnd(utt_id, "cancelled"))
+        return dropped
 
     async def _shut_down(self, shutdown: Shutdown) -> None:
         """Accept nothing more, end every waiting utterance as `cancelled`, and give the
@@ -194,16 +199,14 @@ class Router:
         self.session_open = False
         if self.speaking is not None:
             self.speaking[1].deadline = trio.current_time() + shutdown.grace
-        dropped = self.queue.drop_utterances()
+        cancelled = await self._cancel_waiting()
         self.queue.put(shutdown)
         log.info(
             "daemon.draining",
             speaking=self.speaking[0].id if self.speaking else None,
-            cancelled=[utt.id for utt in dropped],
+            cancelled=cancelled,
             grace_s=shutdown.grace,
         )
-        for utt in dropped:
-            await self.speech.send(UtteranceEnd(utt.id, "cancelled"))
 
     async def _reject(self, conn: int | None, code: str, message: str) -> None:
         log.info("command.rejected", code=code, conn=conn)

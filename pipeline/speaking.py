@@ -50,7 +50,6 @@ class Utterance:
 class _Piece:
     """One piece being synthesized: its text, provider and the audio it has produced."""
 
-    index: int
     text: str
     provider: TTSProvider
     audio: trio.MemoryReceiveChannel[bytes | ProviderError]
@@ -141,9 +140,9 @@ class _Run:
             self.position += 1
         return None
 
-    def _start(self, index: int, text: str, name: TTSProvider, after: _Piece | None) -> _Piece:
+    def _start(self, text: str, name: TTSProvider, after: _Piece | None) -> _Piece:
         send, receive = trio.open_memory_channel[bytes | ProviderError](math.inf)
-        job = _Piece(index, text, name, receive, trio.CancelScope(), trio.Event())
+        job = _Piece(text, name, receive, trio.CancelScope(), trio.Event())
         provider = self.speaker.providers.get(name)
         self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, after.underway if after else None)
         return job
@@ -160,7 +159,7 @@ class _Run:
             for ahead in range(index, index + 1 + self.speaker.lookahead):
                 text = await texts.get(ahead)
                 if text is not None and ahead not in jobs:
-                    jobs[ahead] = self._start(ahead, text, name, after=jobs.get(ahead - 1))
+                    jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1))
             job = jobs.pop(index)
             sent_any, failure = await self._stream(job)
             if failure is None:
