@@ -9,8 +9,12 @@
         │                            circuit open; nothing was synthesized
         └── ProviderFailed           provider_failed: the request was made and went wrong
             ├── ProviderHTTPError    a 4xx/5xx answer (`status`, `retryable`, `retry_after`)
-            ├── ProviderTimeout      connect, first byte or stall timeout
-            └── ProviderEmptyAudio   a successful answer that carried no audio
+            ├── ProviderTimeout      connect, first byte, stall or piece deadline
+            ├── ProviderEmptyAudio   a successful answer that carried no audio
+            └── UnspeakableText      the TEXT made the provider fail (its phonemizer
+                                     crashed or ran out of memory, or the server refused
+                                     the input): `provider_fault` is False, so the
+                                     circuit breaker does not count it
 
 Messages are written for the person reading the event: what went wrong and what to do.
 They never contain secrets (API keys are never formatted into them).
@@ -49,6 +53,9 @@ class ProviderError(SpeechError):
     code = "provider_failed"
     retryable = False
     retry_after: float | None = None
+    # False when the text, not the provider, caused the failure: a circuit breaker must
+    # not open for everyone because one client sent something a voice cannot speak.
+    provider_fault = True
 
 
 class ProviderUnavailable(ProviderError):
@@ -83,3 +90,12 @@ class ProviderTimeout(ProviderFailed):
 
 class ProviderEmptyAudio(ProviderFailed):
     """The provider answered successfully but sent no audio (Kokoros' unknown voice)."""
+
+
+class UnspeakableText(ProviderFailed):
+    """The provider failed because of this text, not because it is unwell (a phonemizer
+    crash or memory blow-up on it, a 400/413/422 about the input): the piece fails, the
+    fallback may try it, and the circuit breaker does not count it."""
+
+    retryable = False
+    provider_fault = False
