@@ -222,7 +222,9 @@ class Broadcaster:
             return
         sub.scope.cancel()
         self.metrics.subscribers.set(self.status().subscribers)
-        if sub.going_away:
+        if sub.dropped:
+            reason = "too slow"
+        elif sub.going_away:
             reason = "daemon shutting down"
         log.info("subscriber.disconnected", conn=conn_id, reason=reason, subscribers=len(self.subscribers))
         self._check_stopped()

@@ -160,8 +160,14 @@ class HttpFace:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        """200 while the session is open and the current provider, or one of its
+        fallbacks, can speak (configured, its last check passed, its circuit closed);
+        otherwise 503 with the reason (the current provider's own, when none can)."""
         view = self.status()
-        reason = self.providers.unavailable_reason(TTSProvider(view.provider))
+        current = TTSProvider(view.provider)
+        chain = [current, *(TTSProvider(p) for p in self.settings.fallback if p != current.value)]
+        reasons = [self.providers.not_ready_reason(name) for name in chain]
+        reason = None if None in reasons else reasons[0]
         if self.stopping.is_set():
             reason = "the daemon is shutting down"
         elif reason is None and view.session != "open":

@@ -7,6 +7,7 @@ stay in order with it) to the chunker. Replies go the same way, addressed to the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import deque
 from dataclasses import dataclass
@@ -95,10 +96,18 @@ class Router:
             metrics=metrics,
         )
         self._ids = itertools.count(1)
+        # A provider check (start-up, Initialize) gets as long as an HTTP provider's own
+        # health check may take; the embedded voice's workers load well within it.
+        self.check_timeout = settings.connect_timeout + settings.first_byte_timeout
+        self._check_waiters: list[int | None] = []  # Initializes waiting for the check
+        self._nursery: trio.Nursery
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.speech, self.commands, trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._speak_forever)
+            # The daemon initializes itself, but listens at once: the provider is checked
+            # in the background and /readyz says "not ready" until it is up.
             await self._initialize(None)
             task_status.started()
             async for envelope in self.commands:
@@ -123,6 +132,8 @@ class Router:
                     return
                 self.current = name
                 log.info("provider.changed", provider=name.value)
+                # Checked in the background only so that /readyz knows how it is doing.
+                self._nursery.start_soon(self._check_quietly, name)
                 await self.speech.send(Event(protocol.event("provider_changed", provider=name.value), reply_to=conn))
             case Close():
                 self.session_open = False
@@ -159,21 +170,39 @@ class Router:
         self.queue.put(utt)
 
     async def _initialize(self, conn: int | None) -> None:
+        """Open the session now; check the current provider in its own task (never in
+        this command loop, so cancel is served at once whatever the check does) and
+        answer `ready` or `provider_unavailable` when the check ends. Initializes that
+        arrive while a check runs share its answer."""
         if self.stopping:
             await self._reject(conn, "not_initialized", "the daemon is shutting down")
             return
         self.session_open = True
+        self._check_waiters.append(conn)
+        if len(self._check_waiters) == 1:
+            self._nursery.start_soon(self._check_current)
+
+    async def _check_current(self) -> None:
+        name = self.current
         try:
-            reason = self.providers.unavailable_reason(self.current)
-            if reason:
-                raise ProviderError(reason, code="provider_unavailable")
-            await self.providers.get(self.current).check()
+            await self.providers.check(name, self.check_timeout)
         except ProviderError as e:
-            log.warning("provider.unavailable", provider=self.current.value, error=e.message)
-            await self._reject(conn, "provider_unavailable", e.message)
+            failure: str | None = e.message
+        else:
+            failure = None
+        waiters, self._check_waiters = self._check_waiters, []
+        if failure is not None:
+            log.warning("provider.unavailable", provider=name.value, error=failure)
+            for conn in waiters:
+                await self._reject(conn, "provider_unavailable", failure)
             return
-        log.info("session.ready", provider=self.current.value)
-        await self.speech.send(Event(protocol.ready(self.current.value), reply_to=conn))
+        log.info("session.ready", provider=name.value)
+        for conn in waiters:
+            await self.speech.send(Event(protocol.ready(name.value), reply_to=conn))
+
+    async def _check_quietly(self, name: TTSProvider) -> None:
+        with contextlib.suppress(ProviderError):
+            await self.providers.check(name, self.check_timeout)
 
     async def _cancel(self, conn: int, everything: bool) -> None:
         ids = []

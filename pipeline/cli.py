@@ -26,6 +26,11 @@ from pipeline.logs import configure_logging
 DEFAULT_URL = "ws://127.0.0.1:8765"
 EXIT_CONFIG = 2  # a setting is invalid: nothing was started
 EXIT_FAILED = 1  # the daemon could not run (e.g. its port is taken)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Their default action would kill the daemon mid-utterance. SIGHUP (a closed terminal, or
+# `systemctl reload`) will reload settings one day; for now it and the user signals are
+# logged and otherwise ignored.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,19 +149,22 @@ def _first_os_error(error: BaseException) -> OSError | None:
 async def _serve_until_signalled(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT. The first signal stops gracefully (DESIGN.md section 3:
     at most shutdown_grace for the speaking utterance, then every WebSocket gets 1001);
-    a second one stops at once. Either way the process exits 0."""
+    a second one stops at once. Either way the process exits 0. SIGHUP, SIGUSR1 and
+    SIGUSR2 are logged as `daemon.signal` and change nothing."""
     from pipeline.daemon import serve
 
     log = structlog.get_logger()
     requested = trio.Event()
     # Opened before the daemon starts, so a signal during start-up is not lost either.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS, *IGNORED_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for signum in signals:
                     name = signal.Signals(signum).name
-                    if not requested.is_set():
+                    if signum in IGNORED_SIGNALS:
+                        log.info("daemon.signal", signal=name, action="ignored")
+                    elif not requested.is_set():
                         log.info("daemon.signal", signal=name, action="stop gracefully")
                         requested.set()
                     else:

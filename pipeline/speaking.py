@@ -220,7 +220,7 @@ class _Run:
         await self.emit(Audio(self.utt.id, pcm))
 
     async def _report(self, name: TTSProvider, failure: ProviderError) -> None:
-        self.speaker.providers.record_failure(name)
+        self.speaker.providers.record_failure(name, failure)
         self.speaker.metrics.provider_failed(name.value, failure.code)
         self.position += 1
         successor = await self.current()

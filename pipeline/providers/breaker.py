@@ -58,6 +58,12 @@ class CircuitBreaker:
         """May the provider be used now? False only while open and cooling down."""
         return self.state is not BreakerState.OPEN
 
+    def cooldown_left(self) -> float:
+        """Seconds until an open circuit may be probed again (0 when not open)."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self.cooldown - trio.current_time())
+
     def record_success(self) -> None:
         """The provider worked: close the circuit and forget past failures."""
         self._in_a_row = 0

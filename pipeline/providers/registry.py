@@ -1,17 +1,20 @@
-"""The configured providers of one daemon, each with its circuit breaker.
+"""The configured providers of one daemon, each with its circuit breaker and the outcome
+of its last health check.
 
-The router asks it for a provider by name; `speaking` asks whether a provider is usable
-now (its circuit is closed, or its cool-down has passed and a probe succeeded) and
-reports each piece's success or failure.
+The router asks it for a provider by name and has it check a provider (Initialize, start-up);
+`speaking` asks whether a provider is usable now (its circuit is closed, or its cool-down
+has passed and a probe succeeded) and reports each piece's success or failure. `/readyz`
+asks `not_ready_reason`, so it says the same as what the router and speaker decide.
 """
 
 from __future__ import annotations
 
 import structlog
+import trio
 
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
-from pipeline.errors import ProviderError
+from pipeline.errors import ProviderError, ProviderUnavailable
 from pipeline.providers.base import Provider
 from pipeline.providers.breaker import CircuitBreaker
 
@@ -21,7 +24,9 @@ log = structlog.get_logger()
 class ProviderSet:
     """Providers by name plus one CircuitBreaker each.
 
-    Error handling: `usable` never raises; a failed probe keeps the circuit open.
+    Error handling: `usable` never raises; a failed probe keeps the circuit open. Only
+    failures the provider is to blame for (`ProviderError.provider_fault`) count toward
+    its circuit: a text that one voice cannot speak must not silence it for everyone.
     """
 
     def __init__(self, providers: dict[TTSProvider, Provider], settings: Settings) -> None:
@@ -29,6 +34,9 @@ class ProviderSet:
         self._breakers = {
             name: CircuitBreaker(settings.breaker_failures, settings.breaker_cooldown) for name in providers
         }
+        # Why each provider failed its last health check (None: it passed); a provider
+        # never checked is absent, and one being checked says so.
+        self._health: dict[TTSProvider, str | None] = {}
 
     def get(self, name: TTSProvider) -> Provider:
         return self._providers[name]
@@ -58,11 +66,45 @@ class ProviderSet:
             log.info("provider.probe_succeeded", provider=name.value)
         return True
 
+    async def check(self, name: TTSProvider, timeout: float) -> None:
+        """Check `name` within `timeout` seconds and remember the outcome for `/readyz`.
+
+        Error handling: raises ProviderUnavailable saying why (not configured, the check
+        failed, or it took longer than `timeout`).
+        """
+        if reason := self.unavailable_reason(name):
+            raise ProviderUnavailable(reason)
+        self._health[name] = f"{name.value} is being checked"
+        try:
+            with trio.fail_after(timeout):
+                await self._providers[name].check()
+        except trio.TooSlowError:
+            self._health[name] = f"{name.value} did not get ready within {timeout:g} s"
+            raise ProviderUnavailable(self._health[name]) from None
+        except ProviderError as e:
+            self._health[name] = e.message
+            raise ProviderUnavailable(e.message) from e
+        self._health[name] = None
+
+    def not_ready_reason(self, name: TTSProvider) -> str | None:
+        """Why `name` cannot speak now (not configured, being checked, failed its last
+        check, or its circuit is open), or None."""
+        if reason := self.unavailable_reason(name):
+            return reason
+        if reason := self._health.get(name):
+            return reason
+        breaker = self._breakers[name]
+        if not breaker.allow():
+            return (f"{name.value} failed {breaker.failures} times in a row; it is skipped for "
+                    f"{breaker.cooldown_left():.0f} s more (breaker_cooldown)")
+        return None
+
     def record_success(self, name: TTSProvider) -> None:
         self._breakers[name].record_success()
 
-    def record_failure(self, name: TTSProvider) -> None:
-        self._breakers[name].record_failure()
+    def record_failure(self, name: TTSProvider, failure: ProviderError) -> None:
+        if failure.provider_fault:
+            self._breakers[name].record_failure()
 
     async def aclose(self) -> None:
         """Release every provider (Close, shutdown)."""
