@@ -150,6 +150,10 @@ class Router:
         if command.provider is not None and (reason := self.providers.unavailable_reason(command.provider)):
             await self._reject(conn, "provider_unavailable", reason)
             return
+        chosen = self.providers.get(command.provider or self.current)
+        if reason := chosen.unknown_voice_reason(command.voice):
+            await self._reject(conn, "invalid_command", reason)
+            return
         if len(self.queue) >= self.settings.max_pending:
             await self._reject(
                 conn, "queue_full", f"{self.settings.max_pending} utterances are already waiting; try again later"

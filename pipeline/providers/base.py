@@ -28,6 +28,15 @@ class Provider(abc.ABC):
     default_voice: str
     # How many pieces may be synthesized at once for one utterance (lookahead).
     max_parallel: int = 1
+    # The voices it can speak, when it knows them (the embedded voice does); None: the
+    # server decides, and an unknown voice fails there.
+    known_voices: frozenset[str] | None = None
+
+    def unknown_voice_reason(self, voice: str | None) -> str | None:
+        """Why `voice` cannot be asked of this provider, or None (None = its default)."""
+        if voice is None or self.known_voices is None or voice in self.known_voices:
+            return None
+        return f"{self.name.value} has no voice {voice!r}; its voices: {', '.join(sorted(self.known_voices))}"
 
     def unavailable_reason(self) -> str | None:
         """Why this provider cannot be used as configured (e.g. no API key), or None."""

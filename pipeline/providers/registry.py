@@ -79,8 +79,8 @@ class ProviderSet:
             with trio.fail_after(timeout):
                 await self._providers[name].check()
         except trio.TooSlowError:
-            self._health[name] = f"{name.value} did not get ready within {timeout:g} s"
-            raise ProviderUnavailable(self._health[name]) from None
+            reason = self._health[name] = f"{name.value} did not get ready within {timeout:g} s"
+            raise ProviderUnavailable(reason) from None
         except ProviderError as e:
             self._health[name] = e.message
             raise ProviderUnavailable(e.message) from e
