@@ -12,6 +12,7 @@ only what a socket cannot take at once goes through the queue and the sender tas
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -23,20 +24,24 @@ from actors.subscriber import Pending, Subscriber
 from actors.subscriber_stream import message_frame
 from pipeline import protocol
 from pipeline.audio import wav_bytes
+from pipeline.commands import TTSProvider
 from pipeline.config import Settings
+from pipeline.events import AudioFormat, Hello
 from pipeline.flow import (
-    Event,
+    Broadcast,
+    FinishNotice,
     Frame,
     Join,
     Leave,
     Outgoing,
+    Reply,
+    SessionStatus,
     Shutdown,
+    StartNotice,
     SubscriberOptions,
-    UtteranceFinished,
-    UtteranceStarted,
 )
-from pipeline.commands import TTSProvider
 from pipeline.metrics import Metrics
+from pipeline.session import SessionState
 
 log = structlog.get_logger()
 
@@ -48,12 +53,12 @@ CLOSE_GOING_AWAY = 1001
 
 @dataclass(frozen=True)
 class StatusView:
-    """A snapshot of what the broadcaster has observed in the events passing through it.
-    It is an observation (it may lag the router by the events still in the channels),
-    not shared state: changing it changes nothing."""
+    """The session as the router last published it (it may lag the router by the items
+    still in the channels, never disagree with what subscribers were told), plus the
+    number of listening subscribers. A snapshot: changing it changes nothing."""
 
-    session: str  # open · closed
-    provider: str
+    session: SessionState
+    provider: TTSProvider
     subscribers: int
 
 
@@ -74,11 +79,10 @@ class Broadcaster:
         self.inbox = inbox
         self.metrics = metrics or Metrics()
         self.subscribers: dict[int, Subscriber] = {}
-        # What new connections must be told, learned from the events passing through.
-        self.session = "closed"
-        self.provider = TTSProvider(settings.provider).value
-        self.speaking: UtteranceStarted | None = None
-        self.owners: dict[str, int] = {}
+        # What new connections must be told: the router's last SessionStatus, and the
+        # utterance being spoken (a late joiner hears the rest of it).
+        self.published = SessionStatus(SessionState.CLOSED, TTSProvider(settings.provider))
+        self.speaking: StartNotice | None = None
         self.first_audio_at: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
         self._wires: dict[str | bytes, bytes] = {}  # message -> its WebSocket frame, per item
@@ -96,7 +100,7 @@ class Broadcaster:
     def status(self) -> StatusView:
         """What /readyz and /v1/info report: the session and provider seen so far."""
         listening = sum(sub.options.subscribe for sub in self.subscribers.values())
-        return StatusView(self.session, self.provider, listening)
+        return StatusView(self.published.state, self.published.provider, listening)
 
     # ------------------------------------------------------------ dispatch (never blocks)
 
@@ -105,17 +109,17 @@ class Broadcaster:
         match item:
             case Frame():
                 self._frame(item)
-            case UtteranceStarted():
-                self.speaking = item
-                owner = self.owners.get(item.payload["utterance_id"])
-                per_format = {fmt: protocol.event_json({**item.payload, "format": fmt}) for fmt in ("wav", "pcm")}
-                for sub in list(self.subscribers.values()):
-                    if sub.options.subscribe or sub.conn_id == owner:
-                        self._push(sub, per_format[sub.options.format])
-            case UtteranceFinished():
+            case StartNotice():
+                self._started(item)
+            case FinishNotice():
                 self._finished(item)
-            case Event():
-                self._event(item)
+            case Broadcast(event=event, also_to=also_to):
+                self._broadcast(protocol.render(event), also_to)
+            case Reply(to=to, event=event):
+                if (sub := self.subscribers.get(to)) is not None:
+                    self._push(sub, protocol.render(event))
+            case SessionStatus():
+                self.published = item
             case Join():
                 self._join(item)
             case Leave():
@@ -123,26 +127,18 @@ class Broadcaster:
             case Shutdown():
                 self._shut_down(item)
 
-    def _event(self, item: Event) -> None:
-        payload = item.payload
-        kind = payload["type"]
-        if kind == "ready":
-            self.session, self.provider = "open", payload["provider"]
-        elif kind == "provider_changed":
-            self.provider = payload["provider"]
-        elif kind == "closed":
-            self.session = "closed"
-        elif kind == "accepted" and item.to is not None:
-            self.owners[payload["utterance_id"]] = item.to
-        text = protocol.event_json(payload)
-        if item.to is not None:
-            if (sub := self.subscribers.get(item.to)) is not None:
-                self._push(sub, text)
-            return
-        owner = self.owners.get(item.utterance_id) if item.utterance_id else None
+    def _broadcast(self, text: str, also_to: int | None) -> None:
+        """To every subscriber, and to `also_to` even when it does not subscribe."""
         for sub in list(self.subscribers.values()):
-            if sub.options.subscribe or sub.conn_id in (item.reply_to, owner):
+            if sub.options.subscribe or sub.conn_id == also_to:
                 self._push(sub, text)
+
+    def _started(self, notice: StartNotice) -> None:
+        self.speaking = notice
+        per_format = {fmt: protocol.render(notice.event, fmt) for fmt in AudioFormat}
+        for sub in list(self.subscribers.values()):
+            if sub.options.subscribe or sub.conn_id == notice.owner:
+                self._push(sub, per_format[AudioFormat(sub.options.format)])
 
     def _frame(self, frame: Frame) -> None:
         if frame.utterance_id not in self.first_audio_at and self.speaking is not None:
@@ -167,28 +163,27 @@ class Broadcaster:
             frame.variants[key] = data
         return data
 
-    def _finished(self, item: UtteranceFinished) -> None:
-        payload = item.payload
-        utt_id = payload["utterance_id"]
-        started = self.speaking if self.speaking and self.speaking.payload["utterance_id"] == utt_id else None
+    def _finished(self, notice: FinishNotice) -> None:
+        finished = notice.event
+        utt_id = finished.utterance_id
+        started = self.speaking if self.speaking and self.speaking.event.utterance_id == utt_id else None
         first_at = self.first_audio_at.pop(utt_id, None)
-        if started is not None and first_at is not None:
-            payload["ttfa_ms"] = round((first_at - started.received_at) * 1000, 1)
         if started is not None:
             self.speaking = None
+            if first_at is not None:
+                finished = dataclasses.replace(finished, ttfa_ms=round((first_at - started.received_at) * 1000, 1))
         log.info(
             "utterance.finished",
             utterance_id=utt_id,
-            status=payload["status"],
-            provider=item.provider,
-            chunks=payload["chunks"],
-            audio_ms=payload["audio_ms"],
-            ttfa_ms=payload["ttfa_ms"],
-            rtf=item.rtf,
+            status=finished.status,
+            provider=notice.provider,
+            chunks=finished.chunks,
+            audio_ms=finished.audio_ms,
+            ttfa_ms=finished.ttfa_ms,
+            rtf=finished.rtf,
         )
-        self.metrics.utterance_finished(item.provider, payload["status"])
-        self._event(Event(payload, utterance_id=utt_id))
-        self.owners.pop(utt_id, None)
+        self.metrics.utterance_finished(notice.provider, finished.status)
+        self._broadcast(protocol.render(finished), notice.owner)
 
     # ------------------------------------------------------------ subscribers
 
@@ -207,9 +202,9 @@ class Broadcaster:
             compress=join.options.compress,
             subscribers=len(self.subscribers),
         )
-        self._push(sub, protocol.event_json(protocol.hello(self.session, self.provider)))
+        self._push(sub, protocol.render(Hello(self.published.state, self.published.provider.value)))
         if self.speaking is not None and sub.options.subscribe:
-            self._push(sub, protocol.event_json({**self.speaking.payload, "format": sub.options.format}))
+            self._push(sub, protocol.render(self.speaking.event, AudioFormat(sub.options.format)))
         assert self._nursery is not None
         self._senders.add(sub.conn_id)
         self._nursery.start_soon(self._run_sender, sub)

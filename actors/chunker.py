@@ -11,20 +11,22 @@ from dataclasses import dataclass, field
 
 import trio
 
-from pipeline import protocol
 from pipeline.audio import ms_to_bytes, pcm_ms
 from pipeline.config import Settings
+from pipeline.events import Status, UtteranceFinished, UtteranceStarted
 from pipeline.flow import (
     Audio,
-    Event,
+    Broadcast,
+    FinishNotice,
     Frame,
     Outgoing,
+    Reply,
+    SessionStatus,
     Shutdown,
     Speech,
+    StartNotice,
     UtteranceBegin,
     UtteranceEnd,
-    UtteranceFinished,
-    UtteranceStarted,
 )
 
 
@@ -88,7 +90,7 @@ class Chunker:
                         await self._send_ready_chunks(self.open)
                     case UtteranceEnd():
                         await self._finish(item)
-                    case Event() | Shutdown():
+                    case Reply() | Broadcast() | SessionStatus() | Shutdown():
                         await self.out.send(item)
 
     def _target(self, state: _Open) -> int:
@@ -107,20 +109,8 @@ class Chunker:
         if state.first_chunk_id is None:
             state.first_chunk_id = chunk_id
             begin = state.begin
-            await self.out.send(
-                UtteranceStarted(
-                    protocol.event(
-                        "utterance_started",
-                        utterance_id=begin.utterance_id,
-                        provider=begin.provider.value,
-                        voice=begin.voice,
-                        sample_rate=self.sample_rate,
-                        format="wav",  # the broadcaster puts each subscriber's own format here
-                        first_chunk_id=chunk_id,
-                    ),
-                    received_at=begin.received_at,
-                )
-            )
+            started = UtteranceStarted(begin.utterance_id, begin.provider.value, begin.voice, self.sample_rate, chunk_id)
+            await self.out.send(StartNotice(started, begin.owner, begin.received_at))
         state.chunks += 1
         state.sent_bytes += len(pcm)
         state.last_chunk_id = chunk_id
@@ -133,30 +123,22 @@ class Chunker:
             # (cancel all, shutdown) ends while this one still streams.
             self.open = None
         status = end.status
-        if state is not None:
-            if state.buffer and status != "cancelled":
-                await self._send_chunk(state, bytes(state.buffer), is_final=True)
-            if state.chunks == 0 and status != "cancelled":
-                status = "failed"
-        elif status != "cancelled":
-            status = "failed"
+        if state is not None and state.buffer and status is not Status.CANCELLED:
+            await self._send_chunk(state, bytes(state.buffer), is_final=True)
+        if status is not Status.CANCELLED and (state is None or state.chunks == 0):
+            status = Status.FAILED  # whatever the speaker thought, nothing was heard
         audio_ms = round(pcm_ms(state.sent_bytes, self.sample_rate)) if state else 0
         rtf = round(end.synth_seconds / (audio_ms / 1000), 4) if audio_ms else None
-        await self.out.send(
-            UtteranceFinished(
-                protocol.event(
-                    "utterance_finished",
-                    utterance_id=end.utterance_id,
-                    status=status,
-                    chunks=state.chunks if state else 0,
-                    last_chunk_id=state.last_chunk_id if state else None,
-                    audio_ms=audio_ms,
-                    ttfa_ms=None,  # the broadcaster knows when the first chunk was written
-                    rtf=rtf,
-                ),
-                rtf=rtf,
-                # The provider whose audio was heard first (a fallback, when the chosen one
-                # failed before any audio); the chosen one when nothing was heard.
-                provider=state.begin.provider.value if state else end.provider,
-            )
+        finished = UtteranceFinished(
+            end.utterance_id,
+            status,
+            chunks=state.chunks if state else 0,
+            last_chunk_id=state.last_chunk_id if state else None,
+            audio_ms=audio_ms,
+            ttfa_ms=None,  # the broadcaster knows when the first chunk was written
+            rtf=rtf,
         )
+        # The provider whose audio was heard first (a fallback, when the chosen one failed
+        # before any audio); the chosen one when nothing was heard.
+        provider = state.begin.provider if state else end.provider
+        await self.out.send(FinishNotice(finished, end.owner, provider.value))

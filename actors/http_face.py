@@ -34,9 +34,11 @@ from pipeline import __version__, access, protocol
 from pipeline.commands import Command, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
+from pipeline.events import ErrorCode, ErrorEvent
 from pipeline.flow import Envelope, Join, Leave, Outgoing, SubscriberOptions
 from pipeline.metrics import CONTENT_TYPE, Metrics
 from pipeline.providers.registry import ProviderSet
+from pipeline.session import SessionState
 
 log = structlog.get_logger()
 
@@ -164,17 +166,17 @@ class HttpFace:
         fallbacks, can speak (configured, its last check passed, its circuit closed);
         otherwise 503 with the reason (the current provider's own, when none can)."""
         view = self.status()
-        current = TTSProvider(view.provider)
+        current = view.provider
         chain = [current, *(TTSProvider(p) for p in self.settings.fallback if p != current.value)]
         reasons = [self.providers.not_ready_reason(name) for name in chain]
         reason = None if None in reasons else reasons[0]
         if self.stopping.is_set():
             reason = "the daemon is shutting down"
-        elif reason is None and view.session != "open":
-            reason = "the session is closed; send initialize"
+        elif reason is None and view.session is not SessionState.OPEN:
+            reason = f"the session is {view.session}; send initialize"
         if reason is not None:
-            return JSONResponse({"status": "not_ready", "provider": view.provider, "reason": reason}, 503)
-        return JSONResponse({"status": "ready", "provider": view.provider})
+            return JSONResponse({"status": "not_ready", "provider": current, "reason": reason}, 503)
+        return JSONResponse({"status": "ready", "provider": current})
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
@@ -241,12 +243,12 @@ class HttpFace:
             with trio.move_on_after(HANDOVER_TIMEOUT) as handover:
                 await self.commands.send(Envelope(conn_id, command, received_at))
             if handover.cancelled_caught:
-                return protocol.error("queue_full", "the daemon is too busy to take commands; try again later")
+                return _error(ErrorCode.QUEUE_FULL, "the daemon is too busy to take commands; try again later")
             with trio.move_on_after(REPLY_TIMEOUT):
                 reply = await inbox.reply()
                 # No reply means the broadcaster closed us: the daemon is going away.
-                return reply or protocol.error("not_initialized", "the daemon is shutting down; try again later")
-            return protocol.error("provider_unavailable", f"the daemon did not answer within {REPLY_TIMEOUT:g} s")
+                return reply or _error(ErrorCode.NOT_INITIALIZED, "the daemon is shutting down; try again later")
+            return _error(ErrorCode.PROVIDER_UNAVAILABLE, f"the daemon did not answer within {REPLY_TIMEOUT:g} s")
         finally:
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
@@ -266,10 +268,14 @@ def _as_send_message(body: bytes) -> str:
 
 def _rate_limited(settings: Settings, wait: float) -> Response:
     log.info("command.rejected", code="rate_limited", via="http")
-    payload = access.rate_limited_error(settings, wait)
+    payload = protocol.as_dict(access.rate_limited_error(settings, wait))
     return JSONResponse(payload, 429, headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+
+def _error(code: ErrorCode, message: str) -> dict[str, Any]:
+    return protocol.as_dict(ErrorEvent(code, message))
 
 
 def _refuse(status: int, code: str, message: str) -> Response:
     log.info("command.rejected", code=code, via="http")
-    return JSONResponse(protocol.error(code, message), status)
+    return JSONResponse(_error(ErrorCode(code), message), status)

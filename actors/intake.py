@@ -23,7 +23,8 @@ from pipeline import access, protocol
 from pipeline.access import Grant, HandshakeError, TokenBucket
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
-from pipeline.flow import Envelope, Event, Join, Leave, Outgoing, SubscriberOptions
+from pipeline.events import ErrorCode, ErrorEvent
+from pipeline.flow import Envelope, Join, Leave, Outgoing, Reply, SubscriberOptions
 
 log = structlog.get_logger()
 
@@ -221,11 +222,11 @@ class Intake:
                 peer.limited = True
                 log.info("command.rejected", code="rate_limited", conn=peer.conn_id)
             error = access.rate_limited_error(self.settings, peer.bucket.wait_seconds())
-            await self.outbox.send(Event(error, to=peer.conn_id))
+            await self.outbox.send(Reply(peer.conn_id, error))
             return
         peer.limited = False
         if isinstance(message, bytes):
-            await self._reply_error(peer.conn_id, "binary_not_accepted", "binary frames are not accepted; send JSON text")
+            await self._reply_error(peer.conn_id, ErrorCode.BINARY_NOT_ACCEPTED, "binary frames are not accepted; send JSON text")
             return
         try:
             command = protocol.parse_client_message(message)
@@ -234,14 +235,14 @@ class Intake:
             return
         if not peer.grant.control:
             await self._reply_error(
-                peer.conn_id, "unauthorized", "this connection may listen but not command; connect with the control token"
+                peer.conn_id, ErrorCode.UNAUTHORIZED, "this connection may listen but not command; connect with the control token"
             )
             return
         if self.stopping.is_set():
-            await self._reply_error(peer.conn_id, "not_initialized", "the daemon is shutting down; no new commands")
+            await self._reply_error(peer.conn_id, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down; no new commands")
             return
         await self.commands.send(Envelope(peer.conn_id, command, received_at))
 
-    async def _reply_error(self, conn_id: int, code: str, message: str) -> None:
+    async def _reply_error(self, conn_id: int, code: ErrorCode, message: str) -> None:
         log.info("command.rejected", code=code, conn=conn_id)
-        await self.outbox.send(Event(protocol.error(code, message), to=conn_id))
+        await self.outbox.send(Reply(conn_id, ErrorEvent(code, message)))

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from pipeline import protocol
 from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import ProviderError
-from pipeline.flow import Envelope, Event, Shutdown, Speech, UtteranceEnd
+from pipeline.events import Accepted, Cancelled, Closed, ErrorCode, ErrorEvent, ProviderChanged, Ready, ServerEvent, Status
+from pipeline.flow import Broadcast, Envelope, Reply, SessionStatus, Shutdown, Speech, UtteranceEnd
 from pipeline.metrics import Metrics
 from pipeline.providers.registry import ProviderSet
+from pipeline.session import ACCEPTING, SessionInput, SessionState, transition
 from pipeline.speaking import Speaker, Utterance
 
 log = structlog.get_logger()
@@ -60,9 +61,16 @@ class UtteranceQueue:
         self._items = deque(i for i in self._items if not isinstance(i, Utterance))
         return dropped
 
+    def drop_close_marks(self) -> list[_CloseMark]:
+        """Remove every waiting close mark (an Initialize cancelled them) and return them."""
+        dropped = [i for i in self._items if isinstance(i, _CloseMark)]
+        self._items = deque(i for i in self._items if not isinstance(i, _CloseMark))
+        return dropped
+
 
 class Router:
-    """The session actor.
+    """The session actor: the only owner of the session state (pipeline/session.py) and
+    of the current provider; it publishes both as a SessionStatus after every change.
 
     Error handling: a provider that fails to load or check answers the asker with
     `provider_unavailable` and leaves the session usable; an utterance whose providers
@@ -83,7 +91,7 @@ class Router:
         self.commands = commands
         self.speech = speech
         self.current = TTSProvider(settings.provider)
-        self.session_open = False
+        self.session = SessionState.CLOSED  # until the daemon initializes itself in `run`
         self.stopping = False  # the daemon is shutting down: nothing may (re)open the session
         self.queue = UtteranceQueue()
         self.speaking: tuple[Utterance, trio.CancelScope] | None = None
@@ -128,35 +136,39 @@ class Router:
                 await self._initialize(conn)
             case SetTTSProvider(provider=name):
                 if reason := self.providers.unavailable_reason(name):
-                    await self._reject(conn, "provider_unavailable", reason)
+                    await self._reject(conn, ErrorCode.PROVIDER_UNAVAILABLE, reason)
                     return
                 self.current = name
                 log.info("provider.changed", provider=name.value)
                 # Checked in the background only so that /readyz knows how it is doing.
                 self._nursery.start_soon(self._check_quietly, name)
-                await self.speech.send(Event(protocol.event("provider_changed", provider=name.value), reply_to=conn))
+                await self._publish()
+                await self.speech.send(Broadcast(ProviderChanged(name.value), also_to=conn))
             case Close():
-                self.session_open = False
+                if self.stopping:
+                    await self._reject(conn, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
+                    return
+                await self._move(SessionInput.CLOSE)
                 self.queue.put(_CloseMark(conn))
             case Cancel(all=everything):
                 await self._cancel(conn, everything)
 
     async def _accept(self, command: SendMessage, envelope: Envelope) -> None:
         conn = envelope.conn_id
-        if not self.session_open:
-            why = "the daemon is shutting down" if self.stopping else "the session is closed; send initialize first"
-            await self._reject(conn, "not_initialized", why)
+        if self.stopping or self.session not in ACCEPTING:
+            why = "the daemon is shutting down" if self.stopping else f"the session is {self.session}; send initialize first"
+            await self._reject(conn, ErrorCode.NOT_INITIALIZED, why)
             return
         if command.provider is not None and (reason := self.providers.unavailable_reason(command.provider)):
-            await self._reject(conn, "provider_unavailable", reason)
+            await self._reject(conn, ErrorCode.PROVIDER_UNAVAILABLE, reason)
             return
         chosen = self.providers.get(command.provider or self.current)
         if reason := chosen.unknown_voice_reason(command.voice):
-            await self._reject(conn, "invalid_command", reason)
+            await self._reject(conn, ErrorCode.INVALID_COMMAND, reason)
             return
         if len(self.queue) >= self.settings.max_pending:
             await self._reject(
-                conn, "queue_full", f"{self.settings.max_pending} utterances are already waiting; try again later"
+                conn, ErrorCode.QUEUE_FULL, f"{self.settings.max_pending} utterances are already waiting; try again later"
             )
             return
         utt = Utterance(
@@ -170,7 +182,7 @@ class Router:
         )
         position = len(self.queue)
         log.info("utterance.accepted", utterance_id=utt.id, chars=len(utt.text), position=position)
-        await self.speech.send(Event(protocol.event("accepted", utterance_id=utt.id, position=position), to=conn))
+        await self._answer(conn, Accepted(utt.id, position))
         self.queue.put(utt)
 
     async def _initialize(self, conn: int | None) -> None:
@@ -179,9 +191,14 @@ class Router:
         answer `ready` or `provider_unavailable` when the check ends. Initializes that
         arrive while a check runs share its answer."""
         if self.stopping:
-            await self._reject(conn, "not_initialized", "the daemon is shutting down")
+            await self._reject(conn, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
             return
-        self.session_open = True
+        if self.session is SessionState.CLOSING:
+            # The pending close is cancelled: each Close that waited is answered now,
+            # before this Initialize's `ready`, and nothing closes afterwards.
+            for mark in self.queue.drop_close_marks():
+                await self.speech.send(Broadcast(Closed(), also_to=mark.conn_id))
+        await self._move(SessionInput.INITIALIZE)
         self._check_waiters.append(conn)
         if len(self._check_waiters) == 1:
             self._nursery.start_soon(self._check_current)
@@ -198,11 +215,11 @@ class Router:
         if failure is not None:
             log.warning("provider.unavailable", provider=name.value, error=failure)
             for conn in waiters:
-                await self._reject(conn, "provider_unavailable", failure)
+                await self._reject(conn, ErrorCode.PROVIDER_UNAVAILABLE, failure)
             return
         log.info("session.ready", provider=name.value)
         for conn in waiters:
-            await self.speech.send(Event(protocol.ready(name.value), reply_to=conn))
+            await self.speech.send(Broadcast(Ready(name.value), also_to=conn))
 
     async def _check_quietly(self, name: TTSProvider) -> None:
         with contextlib.suppress(ProviderError):
@@ -216,20 +233,19 @@ class Router:
             ids.append(utt.id)
         if everything:
             ids += await self._cancel_waiting()
-        await self.speech.send(Event(protocol.event("cancelled", utterance_ids=ids), to=conn))
+        await self._answer(conn, Cancelled(tuple(ids)))
 
     async def _cancel_waiting(self) -> list[str]:
         """Drop every queued utterance, each ending as `cancelled`; their ids."""
-        dropped = [utt.id for utt in self.queue.drop_utterances()]
-        for utt_id in dropped:
-            await self.speech.send(UtteranceEnd(utt_id, "cancelled"))
-        return dropped
+        dropped = self.queue.drop_utterances()
+        for utt in dropped:
+            await self.speech.send(UtteranceEnd(utt.id, utt.owner, Status.CANCELLED, utt.provider or self.current))
+        return [utt.id for utt in dropped]
 
     async def _shut_down(self, shutdown: Shutdown) -> None:
         """Accept nothing more, end every waiting utterance as `cancelled`, and give the
         speaking one `grace` seconds; the speaker passes `shutdown` on when it is done."""
         self.stopping = True
-        self.session_open = False
         if self.speaking is not None:
             self.speaking[1].deadline = trio.current_time() + shutdown.grace
         cancelled = await self._cancel_waiting()
@@ -241,10 +257,22 @@ class Router:
             grace_s=shutdown.grace,
         )
 
-    async def _reject(self, conn: int | None, code: str, message: str) -> None:
+    async def _reject(self, conn: int | None, code: ErrorCode, message: str) -> None:
         log.info("command.rejected", code=code, conn=conn)
+        await self._answer(conn, ErrorEvent(code, message))
+
+    async def _answer(self, conn: int | None, event: ServerEvent) -> None:
+        """Answer one connection (None: the daemon itself asked, nobody to answer)."""
         if conn is not None:
-            await self.speech.send(Event(protocol.error(code, message), to=conn))
+            await self.speech.send(Reply(conn, event))
+
+    async def _move(self, happened: SessionInput) -> None:
+        """Apply the session table and publish the state it lands in."""
+        self.session = transition(self.session, happened)
+        await self._publish()
+
+    async def _publish(self) -> None:
+        await self.speech.send(SessionStatus(self.session, self.current))
 
     # ------------------------------------------------------------ speaking
 
@@ -259,10 +287,10 @@ class Router:
                 await self.speech.send(item)
                 return
             if isinstance(item, _CloseMark):
-                if not self.session_open:
-                    await self.providers.aclose()
+                await self._move(SessionInput.DRAINED)
+                await self.providers.aclose()
                 log.info("session.closed")
-                await self.speech.send(Event(protocol.event("closed"), reply_to=item.conn_id))
+                await self.speech.send(Broadcast(Closed(), also_to=item.conn_id))
                 continue
             await self._speak(item)
 
@@ -270,9 +298,9 @@ class Router:
         with structlog.contextvars.bound_contextvars(utterance_id=utt.id):
             first = utt.provider or self.current
             started = trio.current_time()
-            status = "cancelled"
+            status = Status.CANCELLED
             with trio.CancelScope() as scope:
                 self.speaking = (utt, scope)
                 status = await self.speaker.speak(utt, first, self.speech.send)
             self.speaking = None
-            await self.speech.send(UtteranceEnd(utt.id, status, trio.current_time() - started, first.value))
+            await self.speech.send(UtteranceEnd(utt.id, utt.owner, status, first, trio.current_time() - started))

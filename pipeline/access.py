@@ -10,13 +10,12 @@ from __future__ import annotations
 import hmac
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 from dataclasses import dataclass
 
 import trio
 
-from pipeline import protocol
 from pipeline.config import Settings
+from pipeline.events import ErrorCode, ErrorEvent
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -144,14 +143,14 @@ class TokenBucket:
         return math.ceil(max(0.0, (1.0 - self.tokens) / self.rate) * 1000) / 1000
 
 
-def rate_limited_error(settings: Settings, wait: float) -> dict[str, Any]:
+def rate_limited_error(settings: Settings, wait: float) -> ErrorEvent:
     """The `rate_limited` error event for a command refused by a TokenBucket; `retry_after`
     (seconds) is an extension field, so a client need not parse the text."""
     message = (
         f"more than {settings.rate_limit:g} commands per second (bursts of {settings.rate_burst}); "
         f"try again in {wait:g} s"
     )
-    return {**protocol.error("rate_limited", message), "retry_after": wait}
+    return ErrorEvent(ErrorCode.RATE_LIMITED, message, retry_after=wait)
 
 
 class ConnectionSlots:

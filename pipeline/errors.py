@@ -22,13 +22,15 @@ They never contain secrets (API keys are never formatted into them).
 
 from __future__ import annotations
 
+from pipeline.events import ErrorCode
+
 
 class SpeechError(Exception):
     """Base of every error speechcast reports to a client."""
 
-    code = "provider_failed"
+    code = ErrorCode.PROVIDER_FAILED
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
@@ -38,19 +40,19 @@ class SpeechError(Exception):
 class CommandError(SpeechError):
     """A client message that cannot be turned into a command."""
 
-    code = "invalid_command"
+    code = ErrorCode.INVALID_COMMAND
 
 
 class SessionError(SpeechError):
     """A valid command the session cannot take now."""
 
-    code = "not_initialized"
+    code = ErrorCode.NOT_INITIALIZED
 
 
 class ProviderError(SpeechError):
     """Any trouble with a TTS provider."""
 
-    code = "provider_failed"
+    code = ErrorCode.PROVIDER_FAILED
     retryable = False
     retry_after: float | None = None
     # False when the text, not the provider, caused the failure: a circuit breaker must
@@ -61,14 +63,14 @@ class ProviderError(SpeechError):
 class ProviderUnavailable(ProviderError):
     """The provider cannot be used at all (not configured, unreachable, circuit open)."""
 
-    code = "provider_unavailable"
+    code = ErrorCode.PROVIDER_UNAVAILABLE
     retryable = True
 
 
 class ProviderFailed(ProviderError):
     """A request to the provider was made and went wrong."""
 
-    code = "provider_failed"
+    code = ErrorCode.PROVIDER_FAILED
     retryable = True
 
 

@@ -1,7 +1,7 @@
 """The values that travel on the channels between the four actors.
 
     intake ──Envelope──► router ──Speech──► chunker ──Outgoing──► broadcaster
-       └──────────────── Join / Leave / Event (replies to one connection) ──────┘
+       └──────────────── Join / Leave / Reply (answers to one connection) ──────┘
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.commands import Command, TTSProvider
+from pipeline.events import ServerEvent, Status, UtteranceFinished, UtteranceStarted
+from pipeline.session import SessionState
 
 
 @dataclass(frozen=True)
@@ -32,15 +34,28 @@ class Envelope:
 
 
 @dataclass(frozen=True)
-class Event:
-    """A JSON event. `to`: only that connection. Otherwise a broadcast; `reply_to` is the
-    connection that asked, which gets a copy even when it does not subscribe; events with
-    an `utterance_id` also reach the control-only connection that submitted it."""
+class Reply:
+    """An event for one connection only (the answer to its command)."""
 
-    payload: dict[str, Any]
-    to: int | None = None
-    reply_to: int | None = None
-    utterance_id: str | None = None
+    to: int
+    event: ServerEvent
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    """An event for every subscriber; `also_to` (the connection that asked, or the owner
+    of the utterance the event is about) gets it even when it does not subscribe."""
+
+    event: ServerEvent
+    also_to: int | None = None
+
+
+@dataclass(frozen=True)
+class SessionStatus:
+    """The session as the router published it last: what hello, /v1/info and /readyz say."""
+
+    state: SessionState
+    provider: TTSProvider
 
 
 # ---- router → chunker
@@ -66,9 +81,10 @@ class Audio:
 @dataclass(frozen=True)
 class UtteranceEnd:
     utterance_id: str
-    status: str  # ok · partial · failed · cancelled
+    owner: int
+    status: Status
+    provider: TTSProvider  # the one chosen (the chunker knows which one was heard)
     synth_seconds: float = 0.0
-    provider: str | None = None
 
 
 # ---- chunker → broadcaster
@@ -86,20 +102,23 @@ class Frame:
 
 
 @dataclass(frozen=True)
-class UtteranceStarted:
-    """Sent just before the first frame; the broadcaster fills in each subscriber's format."""
+class StartNotice:
+    """Sent just before the utterance's first frame: the broadcaster announces it (in each
+    subscriber's format) and times the first audio from `received_at`."""
 
-    payload: dict[str, Any]
+    event: UtteranceStarted
+    owner: int
     received_at: float
 
 
 @dataclass(frozen=True)
-class UtteranceFinished:
-    """The broadcaster fills in `ttfa_ms` and logs `utterance.finished`."""
+class FinishNotice:
+    """The utterance's end: the broadcaster adds `ttfa_ms`, logs and counts it, and
+    announces it. `provider`: the one heard first (or the chosen one, if none was)."""
 
-    payload: dict[str, Any]
-    rtf: float | None
-    provider: str | None
+    event: UtteranceFinished
+    owner: int
+    provider: str
 
 
 # ---- intake → broadcaster
@@ -133,5 +152,6 @@ class Shutdown:
     done: Any  # trio.Event, set by the broadcaster
 
 
-Speech = UtteranceBegin | Audio | UtteranceEnd | Event | Shutdown
-Outgoing = Frame | UtteranceStarted | UtteranceFinished | Event | Join | Leave | Shutdown
+Notice = Reply | Broadcast | SessionStatus
+Speech = UtteranceBegin | Audio | UtteranceEnd | Notice | Shutdown
+Outgoing = Frame | StartNotice | FinishNotice | Notice | Join | Leave | Shutdown

@@ -7,6 +7,7 @@ clients (the CLI, tests, benchmarks) use the decoders.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -17,6 +18,19 @@ from typing import Any, Final
 from pipeline import __version__
 from pipeline.commands import Cancel, Close, Command, Initialize, SendMessage, SetTTSProvider, TTSProvider
 from pipeline.errors import CommandError
+from pipeline.events import (
+    Accepted,
+    AudioFormat,
+    Cancelled,
+    Closed,
+    ErrorEvent,
+    Hello,
+    ProviderChanged,
+    Ready,
+    ServerEvent,
+    UtteranceFinished,
+    UtteranceStarted,
+)
 
 MAX_TEXT_CHARS: Final = 4096
 MIN_SPEED: Final = 0.25
@@ -127,31 +141,43 @@ def _provider(message: dict[str, Any], *, required: bool) -> TTSProvider | None:
 
 # ---------------------------------------------------------------- server → client events
 
-
-def event(kind: str, **fields: Any) -> dict[str, Any]:
-    """One server event as a dict (encode with `event_json`)."""
-    return {"type": kind, **fields}
-
-
-def event_json(payload: dict[str, Any]) -> str:
-    return json.dumps(payload, separators=(",", ":"))
-
-
-def hello(session: str, provider: str) -> dict[str, Any]:
-    return event("hello", version=__version__, session=session, provider=provider, providers=list(PROVIDER_NAMES))
-
-
-def ready(provider: str) -> dict[str, Any]:
-    return event("ready", provider=provider, providers=list(PROVIDER_NAMES))
+# The wire `type` of each event; the JSON of every event is built below and nowhere else.
+EVENT_TYPES: Final[dict[type, str]] = {
+    Hello: "hello",
+    Ready: "ready",
+    Accepted: "accepted",
+    UtteranceStarted: "utterance_started",
+    UtteranceFinished: "utterance_finished",
+    ProviderChanged: "provider_changed",
+    ErrorEvent: "error",
+    Cancelled: "cancelled",
+    Closed: "closed",
+}
 
 
-def error(code: str, message: str, *, utterance_id: str | None = None, recovered: bool | None = None) -> dict[str, Any]:
-    payload = event("error", code=code, message=message)
-    if utterance_id is not None:
-        payload["utterance_id"] = utterance_id
-    if recovered is not None:
-        payload["recovered"] = recovered
-    return payload
+def as_dict(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> dict[str, Any]:
+    """The event as the JSON object of DESIGN.md section 4 (`audio_format`: the receiving
+    subscriber's, for utterance_started)."""
+    fields: dict[str, Any] = {"type": EVENT_TYPES[type(event)], **dataclasses.asdict(event)}
+    match event:
+        case Hello():
+            fields.update(version=__version__, providers=list(PROVIDER_NAMES))
+        case Ready():
+            fields["providers"] = list(PROVIDER_NAMES)
+        case UtteranceStarted():
+            fields["format"] = audio_format
+        case Cancelled():
+            fields["utterance_ids"] = list(event.utterance_ids)
+        case ErrorEvent():
+            for optional in ("utterance_id", "recovered", "retry_after"):
+                if fields[optional] is None:
+                    del fields[optional]
+    return fields
+
+
+def render(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> str:
+    """The event's text frame."""
+    return json.dumps(as_dict(event, audio_format), separators=(",", ":"))
 
 
 # ---------------------------------------------------------------- VOICE_DATA frames

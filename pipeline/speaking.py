@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import structlog
 import trio
 
-from pipeline import protocol
 from pipeline.audio import Resampler, SampleAligner
 from pipeline.commands import TTSProvider
 from pipeline.errors import ProviderError, ProviderFailed
-from pipeline.flow import Audio, Event, Speech, UtteranceBegin
+from pipeline.events import ErrorEvent, Status
+from pipeline.flow import Audio, Broadcast, Speech, UtteranceBegin
 from pipeline.metrics import Metrics
 from pipeline.providers.base import Provider
 from pipeline.providers.registry import ProviderSet
@@ -83,7 +83,7 @@ class Speaker:
         """The providers to try, in order: the chosen one, then the fallback list."""
         return [first] + [p for p in self.fallback if p != first]
 
-    async def speak(self, utt: Utterance, first: TTSProvider, emit: Callable[[Speech], Awaitable[None]]) -> str:
+    async def speak(self, utt: Utterance, first: TTSProvider, emit: Callable[[Speech], Awaitable[None]]) -> Status:
         texts = _Pieces(iter_pieces(utt.text, short_first=self.short_first_piece), offload=len(utt.text) > INLINE_SEGMENT_CHARS)
         chain = self.chain(first)
         run = _Run(self, utt, chain, emit)
@@ -147,7 +147,7 @@ class _Run:
         self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, after.underway if after else None)
         return job
 
-    async def all_pieces(self, texts: _Pieces) -> str:
+    async def all_pieces(self, texts: _Pieces) -> Status:
         jobs: dict[int, _Piece] = {}
         index = 0
         while await texts.get(index) is not None:
@@ -176,8 +176,8 @@ class _Run:
                 index += 1
         await self._flush()
         if not self.began:
-            return "failed"
-        return "partial" if self.lost_text else "ok"
+            return Status.FAILED
+        return Status.PARTIAL if self.lost_text else Status.OK
 
     async def _stream(self, job: _Piece) -> tuple[bool, ProviderError | None]:
         """Forward one piece's audio; returns (any audio sent, the failure or None)."""
@@ -231,10 +231,7 @@ class _Run:
             text += f"; continuing with {successor.value}"
             log.info("provider.recovered", failed=name.value, provider=successor.value)
         await self.emit(
-            Event(
-                protocol.error(failure.code, text, utterance_id=self.utt.id, recovered=recovered),
-                utterance_id=self.utt.id,
-            )
+            Broadcast(ErrorEvent(failure.code, text, utterance_id=self.utt.id, recovered=recovered), also_to=self.utt.owner)
         )
 
 

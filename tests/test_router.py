@@ -13,7 +13,8 @@ from actors.router import Router
 from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import ProviderFailed
-from pipeline.flow import Audio, Envelope, Event, UtteranceBegin, UtteranceEnd
+from pipeline.events import Accepted, Cancelled, Closed, ErrorEvent, ProviderChanged, Ready, Status
+from pipeline.flow import Audio, Broadcast, Envelope, Reply, UtteranceBegin, UtteranceEnd
 from tests.support import ScriptedProvider, provider_set, tone
 
 SETTINGS = Settings(max_pending=3, fallback=())
@@ -41,13 +42,14 @@ class RouterUnderTest:
         with trio.fail_after(60):  # a deadlock fails the test instead of hanging it
             return await self.speech.receive()
 
-    async def next(self, kind=None, event_type: str | None = None):
-        """The next item out of the router (skipping others until one matches)."""
+    async def next(self, kind=None, event=None):
+        """The next item out of the router (skipping others until one matches): of type
+        `kind`, or a Reply/Broadcast carrying an `event` of that type."""
         while True:
             item = await self.receive()
             if kind is not None and not isinstance(item, kind):
                 continue
-            if event_type is not None and not (isinstance(item, Event) and item.payload["type"] == event_type):
+            if event is not None and not (isinstance(item, Reply | Broadcast) and isinstance(item.event, event)):
                 continue
             return item
 
@@ -57,13 +59,13 @@ async def test_the_daemon_initializes_itself_and_queues_in_fifo_order(nursery):
     provider.gate = trio.Event()
     r = RouterUnderTest(nursery, SETTINGS, provider)
     await r.start()
-    assert (await r.next(Event)).payload["type"] == "ready"
+    assert isinstance((await r.next(Reply | Broadcast)).event, Ready)
     await r.send(SendMessage("First one here."))
-    positions = [(await r.next(event_type="accepted")).payload["position"]]
+    positions = [(await r.next(event=Accepted)).event.position]
     await trio.testing.wait_all_tasks_blocked()  # the first is now speaking (held at the gate)
     for text in ("Second one here.", "Third one here."):
         await r.send(SendMessage(text))
-        positions.append((await r.next(event_type="accepted")).payload["position"])
+        positions.append((await r.next(event=Accepted)).event.position)
     assert positions == [0, 0, 1]  # the first is already speaking when the others arrive
     provider.gate.set()
     ends = [await r.next(UtteranceEnd) for _ in range(3)]
@@ -80,27 +82,28 @@ async def test_past_max_pending_the_sender_gets_queue_full_and_nothing_changes(n
     await trio.testing.wait_all_tasks_blocked()
     for i in range(1, 5):
         await r.send(SendMessage(f"Message number {i}."))
-    replies = [await r.next(Event) for _ in range(6)][1:]  # after `ready`
+    replies = [(await r.next(Reply | Broadcast)) for _ in range(6)][1:]  # after `ready`
     provider.gate.set()
-    kinds = [e.payload["type"] if e.payload["type"] != "error" else e.payload["code"] for e in replies]
-    assert kinds == ["accepted", "accepted", "accepted", "accepted", "queue_full"]
+    kinds = [e.event.code if isinstance(e.event, ErrorEvent) else type(e.event).__name__ for e in replies]
+    assert kinds == ["Accepted", "Accepted", "Accepted", "Accepted", "queue_full"]
     assert replies[-1].to == 1
     ends = [await r.next(UtteranceEnd) for _ in range(4)]
     assert [e.status for e in ends] == ["ok"] * 4
 
 
 async def test_switching_provider_while_speaking_applies_to_the_next_utterance(nursery, autojump_clock):
-    piper = ScriptedProvider(TTSProvider.PIPER, seconds=1.0)
+    # Two blocks a second apart: the switch arrives between them, mid-utterance.
+    piper = ScriptedProvider(TTSProvider.PIPER, script=lambda text: [tone(2400)] * 2, seconds=1.0)
     kokoros = ScriptedProvider(TTSProvider.KOKOROS, seconds=1.0)
     r = RouterUnderTest(nursery, SETTINGS, piper, kokoros)
     await r.start()
     await r.send(SendMessage("Spoken by piper."))
     begin = await r.next(UtteranceBegin)
     await r.send(SetTTSProvider(TTSProvider.KOKOROS))
-    changed = await r.next(event_type="provider_changed")
+    changed = await r.next(event=ProviderChanged)
     await r.send(SendMessage("Spoken by kokoros."))
     ends = [await r.next(UtteranceEnd), await r.next(UtteranceEnd)]
-    assert begin.provider == TTSProvider.PIPER and changed.payload == {"type": "provider_changed", "provider": "kokoros"}
+    assert begin.provider == TTSProvider.PIPER and changed.event == ProviderChanged("kokoros")
     assert [e.provider for e in ends] == ["piper", "kokoros"]
     assert piper.texts == ["Spoken by piper."] and kokoros.texts == ["Spoken by kokoros."]
 
@@ -112,8 +115,8 @@ async def test_switching_to_an_unconfigured_provider_is_refused_and_changes_noth
     r = RouterUnderTest(nursery, SETTINGS, piper, openai)
     await r.start()
     await r.send(SetTTSProvider(TTSProvider.OPENAI))
-    error = await r.next(event_type="error")
-    assert error.payload["code"] == "provider_unavailable" and "OPENAI_API_KEY" in error.payload["message"]
+    error = (await r.next(event=ErrorEvent)).event
+    assert error.code == "provider_unavailable" and "OPENAI_API_KEY" in error.message
     await r.send(SendMessage("Still piper."))
     assert (await r.next(UtteranceEnd)).provider == "piper"
 
@@ -132,9 +135,9 @@ async def test_cancel_stops_the_speaking_utterance_within_100_ms(nursery, autoju
     assert item.status == "cancelled"
     assert trio.current_time() - asked_at < 0.1
     assert not any(isinstance(i, Audio) for i in items)
-    replies = [i for i in items if isinstance(i, Event) and i.payload["type"] == "cancelled"]
-    reply = replies[0] if replies else await r.next(event_type="cancelled")
-    assert reply.payload["utterance_ids"] == ["u1"]
+    replies = [i for i in items if isinstance(i, Reply) and isinstance(i.event, Cancelled)]
+    reply = replies[0] if replies else await r.next(event=Cancelled)
+    assert reply.event == Cancelled(("u1",))
 
 
 async def test_cancel_all_also_drops_the_queue_each_reported_cancelled(nursery, autojump_clock):
@@ -143,18 +146,18 @@ async def test_cancel_all_also_drops_the_queue_each_reported_cancelled(nursery, 
     await r.start()
     for text in ("One is speaking.", "Two is waiting.", "Three is waiting."):
         await r.send(SendMessage(text))
-    await r.next(event_type="accepted")
+    await r.next(event=Accepted)
     await r.send(Cancel(all=True))
     ends, replies = [], []
     while len(ends) < 3 or not replies:
         item = await r.receive()
         if isinstance(item, UtteranceEnd):
             ends.append(item)
-        elif isinstance(item, Event) and item.payload["type"] == "cancelled":
+        elif isinstance(item, Reply) and isinstance(item.event, Cancelled):
             replies.append(item)
     assert sorted(e.utterance_id for e in ends) == ["u1", "u2", "u3"]
     assert {e.status for e in ends} == {"cancelled"}
-    assert sorted(replies[0].payload["utterance_ids"]) == ["u1", "u2", "u3"]
+    assert sorted(replies[0].event.utterance_ids) == ["u1", "u2", "u3"]
     assert provider.texts == ["One is speaking."]
 
 
@@ -163,9 +166,9 @@ async def test_an_utterance_whose_only_provider_fails_ends_failed_with_an_error(
     r = RouterUnderTest(nursery, SETTINGS, provider)
     await r.start()
     await r.send(SendMessage("Nothing will come out."))
-    error = await r.next(event_type="error")
-    assert error.payload["code"] == "provider_failed" and error.payload["recovered"] is False
-    assert error.payload["utterance_id"] == "u1"
+    error = (await r.next(event=ErrorEvent)).event
+    assert error.code == "provider_failed" and error.recovered is False
+    assert error.utterance_id == "u1"
     assert (await r.next(UtteranceEnd)).status == "failed"
 
 
@@ -183,9 +186,9 @@ async def test_failover_mid_utterance_continues_on_the_fallback(nursery):
     await r.start()
     await r.send(SetTTSProvider(TTSProvider.KOKOROS))
     await r.send(SendMessage("The first sentence is fine. The second one fails on kokoros. The third one too."))
-    error = await r.next(event_type="error")
+    error = (await r.next(event=ErrorEvent)).event
     end = await r.next(UtteranceEnd)
-    assert error.payload["recovered"] is True
+    assert error.recovered is True
     assert end.status == "ok"  # every piece was spoken in full, part of it by the fallback
     assert piper.texts and all(t in kokoros.texts for t in piper.texts[:1])
 
@@ -195,11 +198,11 @@ async def test_close_then_send_is_not_initialized_until_initialize(nursery):
     r = RouterUnderTest(nursery, SETTINGS, provider)
     await r.start()
     await r.send(Close())
-    closed = await r.next(event_type="closed")
-    assert closed.reply_to == 1 and provider.closed == 1
+    closed = await r.next(event=Closed)
+    assert closed.also_to == 1 and provider.closed == 1
     await r.send(SendMessage("Hello?"))
-    assert (await r.next(event_type="error")).payload["code"] == "not_initialized"
+    assert (await r.next(event=ErrorEvent)).event.code == "not_initialized"
     await r.send(Initialize())
-    await r.next(event_type="ready")
+    await r.next(event=Ready)
     await r.send(SendMessage("Hello again."))
     assert (await r.next(UtteranceEnd)).status == "ok"

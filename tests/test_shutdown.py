@@ -21,7 +21,8 @@ from actors.router import Router
 from pipeline.commands import SendMessage
 from pipeline.config import Settings
 from pipeline.daemon import serve
-from pipeline.flow import Audio, Envelope, Event, Shutdown, UtteranceBegin, UtteranceEnd
+from pipeline.events import ErrorEvent
+from pipeline.flow import Audio, Envelope, Reply, Shutdown, UtteranceBegin, UtteranceEnd
 from tests.serve_process import serve_process
 from tests.support import (
     Heard,
@@ -75,7 +76,7 @@ async def test_router_ends_queued_utterances_and_passes_shutdown_on_last():
             await commands_send.send(Shutdown(30, trio.Event()))
             await read_until(lambda item: isinstance(item, UtteranceEnd))
             await commands_send.send(Envelope(1, SendMessage("Three."), 0.0))
-            await read_until(lambda item: isinstance(item, Event) and item.payload["type"] == "error")
+            await read_until(lambda item: isinstance(item, Reply) and isinstance(item.event, ErrorEvent))
             voice.release.set()
             await read_until(lambda item: isinstance(item, Shutdown))
             nursery.cancel_scope.cancel()
@@ -83,8 +84,8 @@ async def test_router_ends_queued_utterances_and_passes_shutdown_on_last():
     ends = [item for item in seen if isinstance(item, UtteranceEnd)]
     assert [(end.utterance_id, end.status) for end in ends] == [("u2", "cancelled"), ("u1", "ok")]
     assert [item.utterance_id for item in seen if isinstance(item, UtteranceBegin)] == ["u1"]
-    late = [item.payload for item in seen if isinstance(item, Event) and item.payload["type"] == "error"]
-    assert [(e["code"], e["message"]) for e in late] == [("not_initialized", "the daemon is shutting down")]
+    late = [item.event for item in seen if isinstance(item, Reply) and isinstance(item.event, ErrorEvent)]
+    assert [(e.code, e.message) for e in late] == [("not_initialized", "the daemon is shutting down")]
     assert seen[-2] == ends[-1] and isinstance(seen[-1], Shutdown)
     assert voice.texts == ["One."]
     assert voice.closed == 1

@@ -11,7 +11,7 @@ import trio.testing
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import ProviderFailed
-from pipeline.flow import Audio, Event, UtteranceBegin
+from pipeline.flow import Audio, Broadcast, UtteranceBegin
 from pipeline.speaking import Speaker, Utterance
 from tests.support import ScriptedProvider, provider_set, tone
 
@@ -107,5 +107,5 @@ async def test_a_piece_that_breaks_midway_is_not_repeated_and_the_status_is_part
     status = await speaker.speak(utt, TTSProvider.KOKOROS, emit)
     assert status == "partial"
     assert piper.texts == ["The third one ends it."]  # the broken piece is not spoken again
-    errors = [o.payload for o in out if isinstance(o, Event)]
-    assert errors[0]["code"] == "provider_failed" and errors[0]["recovered"] is True
+    errors = [o.event for o in out if isinstance(o, Broadcast)]
+    assert errors[0].code == "provider_failed" and errors[0].recovered is True

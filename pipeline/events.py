@@ -1,0 +1,115 @@
+"""The server's events as typed domain values: what the actors put on their channels.
+
+Each wire event of DESIGN.md section 4 is one frozen dataclass here; `pipeline.protocol.
+render` is the only place that turns them into JSON. Routing (who receives an event) is
+not part of the event: see `pipeline.flow.Reply` and `pipeline.flow.Broadcast`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from pipeline.session import SessionState
+
+
+class ErrorCode(enum.StrEnum):
+    """Every `error.code` a client can receive."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_COMMAND = "invalid_command"
+    EMPTY_TEXT = "empty_text"
+    TEXT_TOO_LONG = "text_too_long"
+    UNKNOWN_PROVIDER = "unknown_provider"
+    PROVIDER_UNAVAILABLE = "provider_unavailable"
+    PROVIDER_FAILED = "provider_failed"
+    QUEUE_FULL = "queue_full"
+    NOT_INITIALIZED = "not_initialized"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    BINARY_NOT_ACCEPTED = "binary_not_accepted"
+    UNKNOWN_UTTERANCE = "unknown_utterance"
+
+
+class Status(enum.StrEnum):
+    """How an utterance ended (DESIGN.md section 5)."""
+
+    OK = "ok"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AudioFormat(enum.StrEnum):
+    """The payload of a subscriber's VOICE_DATA frames (`format=` on its connection)."""
+
+    WAV = "wav"
+    PCM = "pcm"
+
+
+@dataclass(frozen=True)
+class Hello:
+    session: SessionState
+    provider: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    provider: str
+
+
+@dataclass(frozen=True)
+class Accepted:
+    utterance_id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class UtteranceStarted:
+    """Rendered per subscriber: `format` is each receiver's own."""
+
+    utterance_id: str
+    provider: str
+    voice: str
+    sample_rate: int
+    first_chunk_id: int
+
+
+@dataclass(frozen=True)
+class UtteranceFinished:
+    utterance_id: str
+    status: Status
+    chunks: int
+    last_chunk_id: int | None
+    audio_ms: int
+    ttfa_ms: float | None
+    rtf: float | None
+
+
+@dataclass(frozen=True)
+class ProviderChanged:
+    provider: str
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    code: ErrorCode
+    message: str
+    utterance_id: str | None = None
+    recovered: bool | None = None
+    retry_after: float | None = None  # rate_limited: seconds until a command would pass
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    utterance_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Closed:
+    pass
+
+
+ServerEvent = (
+    Hello | Ready | Accepted | UtteranceStarted | UtteranceFinished | ProviderChanged | ErrorEvent | Cancelled | Closed
+)
