@@ -214,8 +214,8 @@ class HttpFace:
     async def speak(self, request: Request) -> Response:
         """`{"text", "voice"?, "provider"?, "speed"?}` → 202 `{"utterance_id", "position"}`.
 
-        Checks, in order: method (405, `Allow: POST`; OPTIONS is a CORS preflight),
-        Origin (403), token (401), shutdown (503), rate (429), `Content-Type:
+        Checks, in order: Origin (403), method (405, `Allow: POST`; OPTIONS is a CORS
+        preflight), token (401), shutdown (503), rate (429), `Content-Type:
         application/json` (415), size (413), the body (400).
         """
         try:
