@@ -34,8 +34,7 @@ from tests.support import Heard, ScriptedProvider, of_type, provider_set, receiv
 
 # No rate limit in the way: every message must get its own answer, not rate_limited.
 SETTINGS = Settings(port=0, http_port=0, rate_limit=1e6, rate_burst=1_000_000)
-# Events that answer one command of the sender's (utterance events and errors with an
-# utterance_id are about speech, not about a command).
+# Events that answer one command of the sender's.
 ANSWERS = frozenset({"error", "accepted", "cancelled", "ready", "provider_changed", "closed"})
 EXAMPLE_TIMEOUT = 20
 ANSWER_TIMEOUT = 10
@@ -134,6 +133,11 @@ async def still_serving(daemon: RunningDaemon, http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).status_code == 200
 
 
+def is_answer(event: dict[str, Any]) -> bool:
+    """An event answering a command (an error about an utterance's speech is not one)."""
+    return event["type"] in ANSWERS and not (event["type"] == "error" and "utterance_id" in event)
+
+
 async def answers_until_sentinel(ws: WebSocketConnection) -> list[dict[str, Any]]:
     """Send `cancel` (always answered by `cancelled`, to the sender) and return every
     answer event before and including it: replies come in the order of the commands."""
@@ -142,7 +146,7 @@ async def answers_until_sentinel(ws: WebSocketConnection) -> list[dict[str, Any]
     answers: list[dict[str, Any]] = []
     with trio.move_on_after(ANSWER_TIMEOUT):
         while True:
-            event = await receive_until(ws, heard, lambda e: e["type"] in ANSWERS and "utterance_id" not in e)
+            event = await receive_until(ws, heard, is_answer)
             answers.append(event)
             if event["type"] == "cancelled" and len(answers) >= 2:
                 return answers
