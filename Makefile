@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench wheel clean
+.PHONY: run test bench wheel fuzz clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ bench: $(STAMP)
 wheel: $(STAMP)
 	rm -rf build dist/speechcast-*.whl
 	$(BIN)/python -m build --wheel --outdir dist
+
+# Long fuzzing of everything a client can send: the hypothesis fuzz tests with many more
+# examples, then atheris on the parsers for FUZZ_SECONDS (crash inputs land in fuzz/crashes/).
+FUZZ_SECONDS ?= 60
+fuzz: $(STAMP)
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install --quiet -e '.[test,fuzz]'
+	SPEECHCAST_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz_client_input.py
+	mkdir -p fuzz/crashes
+	PYTHONPATH=. $(BIN)/python fuzz/atheris_protocol.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache build dist

@@ -25,10 +25,12 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.broadcaster import StatusView
 from pipeline import __version__, access, protocol
@@ -67,6 +69,27 @@ MAX_TRACKED_CLIENTS: Final = 4096
 # would be a non-JSON line; the daemon logs `daemon.started` with the port instead).
 HYPERCORN_LOG: Final = logging.getLogger("speechcast.http")
 HYPERCORN_LOG.setLevel(logging.WARNING)
+# Sent with every answer (the page and its files above all): the page loads only its own
+# files, may open the daemon's WebSocket (another port, hence ws: and wss:), may not be
+# framed, and the browser must not guess content types or leak the URL (its ?token=).
+SECURITY_HEADERS: Final = (
+    (
+        b"content-security-policy",
+        b"default-src 'self'; connect-src 'self' ws: wss:; frame-ancestors 'none'; "
+        b"base-uri 'none'; form-action 'none'; object-src 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+)
+ALL_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+# What a cross-origin page listed in allowed_origins may send to /v1/speak.
+CORS_PREFLIGHT: Final = {
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "Content-Type, Authorization",
+    "Access-Control-Max-Age": "600",
+    "Vary": "Origin",
+}
 
 
 def http_connection_ids() -> itertools.count[int]:
@@ -108,7 +131,8 @@ class HttpFace:
     observation from the broadcaster, and asks `providers` only read-only questions.
     Once `stopping` is set (graceful shutdown), /readyz and /v1/speak answer 503.
     Error handling: every refused request gets the WebSocket's `error` event as its JSON
-    body with the HTTP status of STATUS_BY_CODE (400 for bad input).
+    body with the HTTP status of STATUS_BY_CODE (400 for bad input; 403 origin, 405
+    method, 413 size, 415 content type).
     """
 
     def __init__(
@@ -154,11 +178,13 @@ class HttpFace:
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics_text),
             Route("/v1/info", self.info),
-            Route("/v1/speak", self.speak, methods=["POST"]),
+            # Every method: the route answers 405 itself, else the page's mount below
+            # would take a GET and answer 404.
+            Route("/v1/speak", self.speak, methods=ALL_METHODS),
         ]
         if self.web_root.is_dir():
             routes.append(Mount("/", StaticFiles(directory=self.web_root, html=True)))
-        return Starlette(routes=routes)
+        return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
 
     # ------------------------------------------------------------ routes
 
@@ -198,7 +224,26 @@ class HttpFace:
         )
 
     async def speak(self, request: Request) -> Response:
-        """`{"text", "voice"?, "provider"?, "speed"?}` → 202 `{"utterance_id", "position"}`."""
+        """`{"text", "voice"?, "provider"?, "speed"?}` → 202 `{"utterance_id", "position"}`.
+
+        Checks, in order: Origin (403), method (405, `Allow: POST`; OPTIONS is a CORS
+        preflight), token (401), shutdown (503), rate (429), `Content-Type:
+        application/json` (415), size (413), the body (400).
+        """
+        try:
+            allow_origin = access.check_command_origin(self.settings, request.headers.raw, _own_origin(request))
+        except access.HandshakeError as e:
+            return _refuse(e.status, "unauthorized", e.message)
+        cors = {"Access-Control-Allow-Origin": allow_origin, "Vary": "Origin"} if allow_origin else {}
+        if request.method == "OPTIONS":
+            return Response(status_code=204, headers={**cors, **CORS_PREFLIGHT} if allow_origin else {"Allow": "POST"})
+        if request.method != "POST":
+            return _refuse(405, "invalid_command", "send the text with POST", headers={"Allow": "POST"})
+        response = await self._speak(request)
+        response.headers.update(cors)
+        return response
+
+    async def _speak(self, request: Request) -> Response:
         try:
             token = access.presented_token(request.query_params.get("token"), request.headers.raw)
             if not access.grant_for(self.settings, token).control:
@@ -209,6 +254,10 @@ class HttpFace:
             return _refuse(503, "not_initialized", "the daemon is shutting down; try again later")
         if (wait := self._rate_limit_wait(request)) is not None:
             return _rate_limited(self.settings, wait)
+        if not _is_json(request.headers.get("content-type")):
+            # Only JSON: a form or text/plain body is what a page on another origin can
+            # send without asking the browser first (a "simple" request).
+            return _refuse(415, "invalid_command", "send the body as Content-Type: application/json")
         body = bytearray()
         async for part in request.stream():
             body += part
@@ -216,7 +265,7 @@ class HttpFace:
                 return _refuse(413, "text_too_long", f"the body is over {self.settings.max_message_size} bytes")
         received_at = trio.current_time()
         try:
-            command = protocol.parse_client_message(_as_send_message(bytes(body)))
+            command = protocol.parse_speak_body(bytes(body))
         except SpeechError as e:
             return _refuse(400, e.code, e.message)
         reply = await self._submit(command, received_at)
@@ -259,15 +308,35 @@ class HttpFace:
                 await self.outbox.send(Leave(conn_id, "http request done"))
 
 
-def _as_send_message(body: bytes) -> str:
-    """The body as a WebSocket send_message, so both faces share one validation."""
-    try:
-        message = json.loads(body)
-    except (ValueError, RecursionError):
-        return body.decode("utf-8", "replace")  # parse_client_message reports invalid_json
-    if isinstance(message, dict):
-        message = {**message, "type": "send_message"}
-    return json.dumps(message)
+class SecurityHeaders:
+    """ASGI middleware adding SECURITY_HEADERS to every response (the page's above all)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def _own_origin(request: Request) -> str:
+    """The origin a page served by this daemon has: scheme and Host of the request."""
+    return f"{request.url.scheme}://{request.headers.get('host', '')}"
+
+
+def _is_json(content_type: str | None) -> bool:
+    """`application/json`, with or without parameters (`; charset=utf-8`)."""
+    if content_type is None:
+        return False
+    return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
 def _rate_limited(settings: Settings, wait: float) -> Response:
@@ -280,6 +349,6 @@ def _error(code: ErrorCode, message: str) -> dict[str, Any]:
     return protocol.as_dict(ErrorEvent(code, message))
 
 
-def _refuse(status: int, code: str, message: str) -> Response:
-    log.info("command.rejected", code=code, via="http")
-    return JSONResponse(_error(ErrorCode(code), message), status)
+def _refuse(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    log.info("command.rejected", code=code, via="http", status=status)
+    return JSONResponse(_error(ErrorCode(code), message), status, headers=headers)

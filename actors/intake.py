@@ -8,6 +8,7 @@ broadcaster (which owns everything written to a connection).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import urllib.parse
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from typing import Any
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer
+import wsproto
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from wsproto.connection import ConnectionState
 
 from actors.subscriber_stream import SubscriberListener, SubscriberStream
 
@@ -62,8 +65,72 @@ async def keep_alive(connection: Any, *, interval: float, timeout: float) -> str
         return f"no pong within {timeout:g} s"
 
 
+class StrictConnection(WebSocketConnection):
+    """trio-websocket's connection, failing a protocol violation the way RFC 6455 7.1.7
+    asks: with a close frame carrying the code (1002 protocol error, 1007 invalid UTF-8
+    in a text frame) before the TCP close, not a silent drop.
+
+    wsproto reports a frame it cannot parse as a close event while the connection is
+    still open; trio-websocket 0.12 then records the code and closes the socket without
+    sending it. Here that one case sends the close first and keeps the reason in
+    `violation` for the log. It relies on two private methods of trio-websocket 0.12
+    (this override and `_send`); tests/test_edge_input.py reads the close frame off the
+    wire, so an upgrade that changes them fails a test instead of passing silently.
+    """
+
+    violation: CloseReason | None = None
+
+    async def _handle_close_connection_event(self, event: wsproto.events.CloseConnection) -> None:
+        if self._wsproto.state is ConnectionState.OPEN:
+            # Not a close the peer sent (that moves wsproto to REMOTE_CLOSING first).
+            self.violation = CloseReason(event.code, event.reason or None)
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(event)
+        await super()._handle_close_connection_event(event)
+
+
+class StrictServer(WebSocketServer):
+    """trio-websocket's server with StrictConnection (its connection class is fixed in
+    `_handle_connection`, which this repeats with the one class changed)."""
+
+    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
+        async with trio.open_nursery() as nursery:
+            connection = StrictConnection(
+                stream,
+                wsproto.WSConnection(wsproto.ConnectionType.SERVER),
+                message_queue_size=self._message_queue_size,
+                max_message_size=self._max_message_size,
+                receive_buffer_size=self._receive_buffer_size,
+            )
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(self._connect_timeout) as connect_scope:
+                request = await connection._get_request()
+            if connect_scope.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            try:
+                await self._handler(request)
+            finally:
+                with trio.move_on_after(self._disconnect_timeout):
+                    await connection.aclose()
+
+
 def parse_options(path: str) -> SubscriberOptions:
-    """Read `format`, `compress`, `subscribe` and `token` from the request path."""
+    """Read `format`, `compress`, `subscribe` and `token` from the request path.
+
+    Error handling: HandshakeError (404 another path, 400 a bad value); whatever the
+    path holds, nothing else escapes (a parser's surprise is a 400 too).
+    """
+    try:
+        return _options(path)
+    except HandshakeError:
+        raise
+    except Exception as e:
+        raise HandshakeError(400, f"the request path could not be read ({type(e).__name__})") from None
+
+
+def _options(path: str) -> SubscriberOptions:
     url = urllib.parse.urlsplit(path)
     if url.path not in ("", "/"):
         raise HandshakeError(404, f"no WebSocket endpoint at {url.path}; connect to /")
@@ -88,7 +155,9 @@ class Intake:
     HTTP status with a short reason: 400/404 bad options, 401 token, 403 origin, 503
     past `max_connections` (the rules live in pipeline/access.py). A client frame over
     `max_message_size` closes the connection with 1009 (trio-websocket does that); a
-    peer that stops answering pings is closed with 1011.
+    peer that stops answering pings is closed with 1011; a protocol violation (bad
+    framing, reserved bits or opcode: 1002; invalid UTF-8 in a text frame: 1007) is
+    closed with its code (StrictConnection).
     """
 
     def __init__(
@@ -113,7 +182,7 @@ class Intake:
             # can write to without awaiting (actors/subscriber_stream.py).
             sockets = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
             self._listeners = [SubscriberListener(listener) for listener in sockets]
-            server = WebSocketServer(
+            server = StrictServer(
                 self._handle,
                 self._listeners,  # type: ignore[arg-type]  # any trio Listener works
                 max_message_size=self.settings.max_message_size,
@@ -194,6 +263,8 @@ class Intake:
         except ConnectionClosed as e:
             if peer.ended_because is not None:
                 return peer.ended_because
+            if (violation := getattr(connection, "violation", None)) is not None:
+                return f"protocol violation: closed with {violation.code} ({violation.reason or violation.name})"
             if e.reason is not None and e.reason.code not in (1000, 1001, 1005):
                 return f"closed with {e.reason.code} {e.reason.reason or ''}".strip()
             return "closed by client"
@@ -212,8 +283,10 @@ class Intake:
         """Rate limit, validate and authorize one message, then pass its command on.
 
         Error handling: each failure is one `error` to this connection only (rate_limited,
-        binary_not_accepted, a validation code, unauthorized, not_initialized once the daemon
-        is shutting down); the connection stays open.
+        unauthorized, binary_not_accepted, a validation code, not_initialized once the daemon
+        is shutting down); the connection stays open. A connection that may not command
+        gets `unauthorized` for every message before it is parsed: nothing it sends
+        reaches the parser (docs/access.md).
         """
         received_at = trio.current_time()
         if not peer.bucket.take():
@@ -225,6 +298,11 @@ class Intake:
             await self.outbox.send(Reply(peer.conn_id, error))
             return
         peer.limited = False
+        if not peer.grant.control:
+            await self._reply_error(
+                peer.conn_id, ErrorCode.UNAUTHORIZED, "this connection may listen but not command; connect with the control token"
+            )
+            return
         if isinstance(message, bytes):
             await self._reply_error(peer.conn_id, ErrorCode.BINARY_NOT_ACCEPTED, "binary frames are not accepted; send JSON text")
             return
@@ -232,11 +310,6 @@ class Intake:
             command = protocol.parse_client_message(message)
         except SpeechError as e:
             await self._reply_error(peer.conn_id, e.code, e.message)
-            return
-        if not peer.grant.control:
-            await self._reply_error(
-                peer.conn_id, ErrorCode.UNAUTHORIZED, "this connection may listen but not command; connect with the control token"
-            )
             return
         if self.stopping.is_set():
             await self._reply_error(peer.conn_id, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down; no new commands")

@@ -68,8 +68,19 @@ def same_secret(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+def _normal_origin(origin: str) -> str:
+    # Origins compare without case and without a trailing slash.
+    return origin.strip().rstrip("/").lower()
+
+
+def listed_origin(settings: Settings, origin: str) -> bool:
+    """Whether `origin` is one of `allowed_origins`."""
+    return _normal_origin(origin) in {_normal_origin(o) for o in settings.allowed_origins}
+
+
 def check_origin(settings: Settings, headers: Headers) -> None:
-    """Refuse (403) a browser whose Origin is not in `allowed_origins`.
+    """Refuse (403) a browser whose Origin is not in `allowed_origins` (the WebSocket
+    handshake's rule).
 
     No Origin header means the client is not a browser, and an empty list allows every
     origin. Origins compare without case and without a trailing slash.
@@ -77,9 +88,28 @@ def check_origin(settings: Settings, headers: Headers) -> None:
     origin = header(headers, b"origin")
     if origin is None or not settings.allowed_origins:
         return
-    allowed = {o.strip().rstrip("/").lower() for o in settings.allowed_origins}
-    if origin.rstrip("/").lower() not in allowed:
+    if not listed_origin(settings, origin):
         raise HandshakeError(403, "this origin may not connect; add it to allowed_origins")
+
+
+def check_command_origin(settings: Settings, headers: Headers, own_origin: str) -> str | None:
+    """The Origin rule for HTTP commands (`POST /v1/speak`): stricter than the
+    WebSocket's, since any web page can send a browser there without asking first.
+
+    Allowed: a request without Origin (not a browser), one from the daemon's own origin
+    (`own_origin`, e.g. `http://127.0.0.1:8766`), and one from an origin listed in
+    `allowed_origins`. Every other browser request is refused, also when the list is
+    empty. Returns the origin to name in `Access-Control-Allow-Origin` (a listed origin
+    other than our own), else None: no CORS header is ever sent for anyone else.
+
+    Error handling: HandshakeError(403) for a refused origin (its value is not echoed).
+    """
+    origin = header(headers, b"origin")
+    if origin is None or _normal_origin(origin) == _normal_origin(own_origin):
+        return None
+    if settings.allowed_origins and listed_origin(settings, origin):
+        return origin
+    raise HandshakeError(403, "a page from this origin may not send commands; add it to allowed_origins")
 
 
 def grant_for(settings: Settings, token: str | None) -> Grant:

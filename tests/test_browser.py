@@ -3,13 +3,15 @@ against a daemon (real Piper voice, ports 0) running under trio in a background 
 
 Playwright's async API is asyncio-only, so these are plain (non-trio) test functions and
 the daemon gets its own trio loop in a thread. Every wait is for a condition in the page
-(`wait_for_function`), never a sleep. Set SPEECHCAST_SCREENSHOT=path to also save a
+(`wait_for`), never a sleep. Set SPEECHCAST_SCREENSHOT=path to also save a
 screenshot of the page mid-utterance (that is how docs/screenshot.png is made).
 """
 
 from __future__ import annotations
 
+
 import itertools
+import json
 import os
 import queue
 import threading
@@ -101,9 +103,29 @@ def page(tmp_path: Path) -> Iterator[Any]:
             context.close()
 
 
+def wait_for(page: Any, expression: str, timeout: int) -> None:
+    """Wait in the page until `expression` is true, checking every 20 ms.
+
+    Playwright's `wait_for_function` compiles its predicate with eval, which the page's
+    Content-Security-Policy forbids (as it should); `evaluate` is exempt, so the polling
+    loop runs in a promise it returns, with the expression compiled as part of it.
+    """
+    page.evaluate(
+        f"""() => new Promise((resolve, reject) => {{
+            const deadline = performance.now() + {timeout};
+            const check = () => {{
+                if ({expression}) resolve(true);
+                else if (performance.now() > deadline) reject(new Error("timed out waiting for: " + {json.dumps(expression)}));
+                else setTimeout(check, 20);
+            }};
+            check();
+        }})"""
+    )
+
+
 def open_page(page: Any, daemon: RunningDaemon, query: str) -> None:
     page.goto(f"http://127.0.0.1:{daemon.http_port}/{query}")
-    page.wait_for_function("document.getElementById('connection').dataset.state === 'connected'", timeout=WAIT_MS)
+    wait_for(page, "document.getElementById('connection').dataset.state === 'connected'", timeout=WAIT_MS)
 
 
 def speak(page: Any, text: str) -> None:
@@ -133,7 +155,7 @@ def one(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 def test_the_page_plays_an_utterance_without_gaps(daemon, page, query):
     open_page(page, daemon, query)
     speak(page, TEXT)
-    page.wait_for_function("window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
+    wait_for(page, "window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
     state = page_state(page)
 
     accepted = one(state["events"], "accepted")
@@ -163,12 +185,13 @@ def test_the_page_plays_an_utterance_without_gaps(daemon, page, query):
 def test_cancel_stops_the_sound_and_the_daemon_says_cancelled(daemon, page):
     open_page(page, daemon, "")
     speak(page, " ".join([TEXT] * 40)[:4000])  # synthesis outlasts the click by seconds
-    page.wait_for_function("window.speechcast.player.playing() > 0", timeout=WAIT_MS)
+    wait_for(page, "window.speechcast.player.playing() > 0", timeout=WAIT_MS)
     page.click("#cancel")
-    page.wait_for_function(
+    wait_for(
+        page,
         "window.speechcast.events.some((e) => e.event.type === 'utterance_finished')", timeout=WAIT_MS
     )
-    page.wait_for_function("window.speechcast.events.some((e) => e.event.type === 'cancelled')", timeout=WAIT_MS)
+    wait_for(page, "window.speechcast.events.some((e) => e.event.type === 'cancelled')", timeout=WAIT_MS)
     state = page_state(page)
     done = one(state["events"], "utterance_finished")
     assert done["status"] == "cancelled"
@@ -182,10 +205,10 @@ def test_screenshot_for_the_readme(daemon, page):
     """Not a check: the picture in docs/, one utterance done and one mid-way."""
     open_page(page, daemon, "")
     speak(page, "Hello from speechcast.")
-    page.wait_for_function("window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
+    wait_for(page, "window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
     speak(page, TEXT)
-    page.wait_for_function("window.speechcast.log.filter((l) => l.kind === 'speaking').length === 2", timeout=WAIT_MS)
-    page.wait_for_function("parseFloat(document.getElementById('level').style.width) > 20", timeout=WAIT_MS)
+    wait_for(page, "window.speechcast.log.filter((l) => l.kind === 'speaking').length === 2", timeout=WAIT_MS)
+    wait_for(page, "parseFloat(document.getElementById('level').style.width) > 20", timeout=WAIT_MS)
     page.screenshot(path=os.environ["SPEECHCAST_SCREENSHOT"])
     # Let the voice finish, so no synthesis thread is left running at teardown.
-    page.wait_for_function("window.speechcast.log.filter((l) => l.kind === 'done').length === 2", timeout=WAIT_MS)
+    wait_for(page, "window.speechcast.log.filter((l) => l.kind === 'done').length === 2", timeout=WAIT_MS)

@@ -25,6 +25,7 @@ from pipeline.errors import ProviderFailed
 from tests.support import Heard, HeldVoice, ScriptedProvider, finished, of_type, provider_set, receive_until, send, tone
 
 BASE = Settings(port=0, http_port=0)
+JSON = {"Content-Type": "application/json"}
 
 
 @asynccontextmanager
@@ -129,8 +130,8 @@ async def test_bad_input_is_400_with_the_websocket_error_code():
     provider = ScriptedProvider()
     with trio.fail_after(30):
         async with daemon_and_client(BASE, provider) as (_, http):
-            answers = [await http.post("/v1/speak", content=body) for body, _ in BAD_BODIES]
-            oversized = await http.post("/v1/speak", content=b'{"text": "' + b"a" * 70000 + b'"}')
+            answers = [await http.post("/v1/speak", content=body, headers=JSON) for body, _ in BAD_BODIES]
+            oversized = await http.post("/v1/speak", content=b'{"text": "' + b"a" * 70000 + b'"}', headers=JSON)
     for (body, code), answer in zip(BAD_BODIES, answers):
         assert answer.status_code == 400, body
         assert answer.json()["type"] == "error" and answer.json()["code"] == code, body

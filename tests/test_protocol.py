@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 
@@ -48,12 +49,74 @@ def test_valid_messages_become_commands(raw, command):
         ('{"type":"set_tts_provider"}', "invalid_command"),
         ('{"type":"send_message","text":"\\n\\t "}', "empty_text"),
         ('{"type":"send_message","text":""}', "empty_text"),
+        # Found in issue 10: a number past Python's 4300-digit int limit, anywhere.
+        ('{"type":"send_message","text":"hi","speed":' + "9" * 5000 + "}", "invalid_json"),
+        ('{"type":"initialize","x":[' + "1" * 4301 + "]}", "invalid_json"),
+        ('{"type":"send_message","text":"hi","speed":NaN}', "invalid_json"),
+        ("[" * 100_000, "invalid_json"),
+        # Text no voice can speak.
+        ('{"type":"send_message","text":"\u200b\u200c\u2060"}', "empty_text"),
+        ('{"type":"send_message","text":"?! ... \\ud83d\\ude00"}', "empty_text"),
+        ('{"type":"send_message","text":"a\\u0000b"}', "invalid_command"),
+        ('{"type":"send_message","text":"a\\u0085b"}', "invalid_command"),
+        ('{"type":"send_message","text":"lone \\ud800 surrogate"}', "invalid_command"),
+        # Voice names: length and characters.
+        ('{"type":"send_message","text":"hi","voice":"' + "a" * 65 + '"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":"../../etc/passwd"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":"a\\\\b"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":"af heart"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":"af\\nheart"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":".hidden"}', "invalid_command"),
+        ('{"type":"send_message","text":"hi","voice":"\u00e9l\u00e9"}', "invalid_command"),
     ],
 )
 def test_invalid_messages_get_their_code(raw, code):
     with pytest.raises(CommandError) as error:
         protocol.parse_client_message(raw)
     assert error.value.code == code
+
+
+@pytest.mark.parametrize(
+    "voice", ["af_heart", "af_bella+af_sky", "af_bella(2)+af_sky(1)", "alloy", "en_US-joe-medium", "a" * 64, "v1.2:x"]
+)
+def test_voice_names_real_servers_use_are_accepted(voice):
+    assert protocol.parse_client_message(json.dumps({"type": "tts", "text": "Hi", "voice": voice})).voice == voice
+
+
+def test_an_empty_voice_means_the_default():
+    assert protocol.parse_client_message('{"type":"tts","text":"Hi","voice":""}').voice is None
+
+
+@pytest.mark.parametrize("text", ["\u65e5\u672c\u8a9e", "tab\tand\r\nlines", "7", "\u0661\u0662", "\u200bword\u200b"])
+def test_speakable_texts_in_any_script_pass(text):
+    assert protocol.speakable_text(text) == text
+
+
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"\xff\xfe not utf-8", "invalid_json"),
+        (b'{"text": "caf\xe9"}', "invalid_json"),
+        (b'{"text": "hi", "speed": ' + b"1" * 5000 + b"}", "invalid_json"),
+        (b'["hi"]', "invalid_command"),
+        (b'{"text": "hi", "type": "close"}', None),  # the type is always send_message
+    ],
+)
+def test_speak_bodies_follow_the_send_message_rules(body, code):
+    if code is None:
+        assert protocol.parse_speak_body(body) == SendMessage("hi")
+        return
+    with pytest.raises(CommandError) as error:
+        protocol.parse_speak_body(body)
+    assert error.value.code == code
+
+
+@given(st.text(max_size=300))
+def test_any_text_is_either_a_command_or_a_command_error(raw):
+    try:
+        protocol.parse_client_message(raw)
+    except CommandError:
+        pass
 
 
 def test_text_of_exactly_4096_characters_is_accepted():
