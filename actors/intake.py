@@ -12,12 +12,11 @@ import contextlib
 import itertools
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 import trio
 import wsproto
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest, WebSocketServer
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto.connection import ConnectionState
 
 from actors.subscriber_stream import SubscriberListener, SubscriberStream
@@ -47,7 +46,7 @@ class Peer:
     ended_because: str | None = None
 
 
-async def keep_alive(connection: Any, *, interval: float, timeout: float) -> str | None:
+async def keep_alive(connection: WebSocketConnection, *, interval: float, timeout: float) -> str | None:
     """Ping every `interval` seconds; return a disconnect reason once a pong has not
     arrived within `timeout`. Runs until then: cancel it to stop it.
 
@@ -87,33 +86,6 @@ class StrictConnection(WebSocketConnection):
             with contextlib.suppress(ConnectionClosed):
                 await self._send(event)
         await super()._handle_close_connection_event(event)
-
-
-class StrictServer(WebSocketServer):
-    """trio-websocket's server with StrictConnection (its connection class is fixed in
-    `_handle_connection`, which this repeats with the one class changed)."""
-
-    async def _handle_connection(self, stream: trio.abc.Stream) -> None:
-        async with trio.open_nursery() as nursery:
-            connection = StrictConnection(
-                stream,
-                wsproto.WSConnection(wsproto.ConnectionType.SERVER),
-                message_queue_size=self._message_queue_size,
-                max_message_size=self._max_message_size,
-                receive_buffer_size=self._receive_buffer_size,
-            )
-            nursery.start_soon(connection._reader_task)
-            with trio.move_on_after(self._connect_timeout) as connect_scope:
-                request = await connection._get_request()
-            if connect_scope.cancelled_caught:
-                nursery.cancel_scope.cancel()
-                await stream.aclose()
-                return
-            try:
-                await self._handler(request)
-            finally:
-                with trio.move_on_after(self._disconnect_timeout):
-                    await connection.aclose()
 
 
 def parse_options(path: str) -> SubscriberOptions:
@@ -174,25 +146,47 @@ class Intake:
         self.stopping = stopping if stopping is not None else trio.Event()
         self._ids = itertools.count(1)
         self.slots = access.ConnectionSlots(settings.max_connections)
-        self._listeners: list[SubscriberListener] = []
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.commands, self.outbox, trio.open_nursery() as nursery:
-            # trio-websocket's serve_websocket, on listeners whose streams the broadcaster
-            # can write to without awaiting (actors/subscriber_stream.py).
+            # Listeners whose streams the broadcaster can write to without awaiting
+            # (actors/subscriber_stream.py); intake holds each one from accept to close.
             sockets = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
-            self._listeners = [SubscriberListener(listener) for listener in sockets]
-            server = StrictServer(
-                self._handle,
-                self._listeners,  # type: ignore[arg-type]  # any trio Listener works
-                max_message_size=self.settings.max_message_size,
-                connect_timeout=self.settings.close_timeout,
-                disconnect_timeout=self.settings.close_timeout,
-            )
-            await nursery.start(server.run)
-            task_status.started(self._listeners[0].port)
+            listeners = [SubscriberListener(listener) for listener in sockets]
+            await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
+            task_status.started(listeners[0].port)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle_stream(self, stream: SubscriberStream) -> None:
+        """One TCP connection: read its WebSocket handshake (within close_timeout), serve
+        it, close it. What trio-websocket's `wrap_server_stream` does, with
+        StrictConnection (whose class that function cannot be told), so it uses the same
+        two private steps (`_reader_task`, `_get_request`).
+
+        Error handling: a bug while serving one connection is logged and costs that
+        connection only; no client can take the server down.
+        """
+        async with trio.open_nursery() as nursery:
+            connection = StrictConnection(
+                stream,
+                wsproto.WSConnection(wsproto.ConnectionType.SERVER),
+                max_message_size=self.settings.max_message_size,
+            )
+            nursery.start_soon(connection._reader_task)
+            with trio.move_on_after(self.settings.close_timeout) as waiting:
+                request = await connection._get_request()
+            if waiting.cancelled_caught:
+                nursery.cancel_scope.cancel()
+                await stream.aclose()
+                return
+            try:
+                await self._handle(request, stream)
+            except Exception:
+                log.exception("subscriber.crashed")
+            finally:
+                with trio.move_on_after(self.settings.close_timeout):
+                    await connection.aclose()
+
+    async def _handle(self, request: WebSocketRequest, stream: SubscriberStream) -> None:
         """Check the handshake (options, origin, token, connection limit), then serve it.
 
         Error handling: a refused handshake gets its HTTP status and a short reason
@@ -212,7 +206,7 @@ class Intake:
             await self._refuse(request, 503, f"the daemon serves {self.slots.limit} connections already; try again later")
             return
         try:
-            await self._serve(request, options, grant)
+            await self._serve(request, stream, options, grant)
         finally:
             self.slots.give_back()
 
@@ -223,7 +217,9 @@ class Intake:
         except ConnectionClosed:
             pass  # the client is gone already
 
-    async def _serve(self, request: WebSocketRequest, options: SubscriberOptions, grant: Grant) -> None:
+    async def _serve(
+        self, request: WebSocketRequest, stream: SubscriberStream, options: SubscriberOptions, grant: Grant
+    ) -> None:
         """Accept; announce the connection to the broadcaster; read its messages while a
         keep-alive task watches it; tell the broadcaster when and why it ended."""
         try:
@@ -231,7 +227,7 @@ class Intake:
         except ConnectionClosed:
             return
         peer = Peer(next(self._ids), grant, TokenBucket(self.settings.rate_limit, self.settings.rate_burst))
-        await self.outbox.send(Join(peer.conn_id, connection, options, self._stream_of(request)))
+        await self.outbox.send(Join(peer.conn_id, connection, options, stream))
         reason = "closed by client"
         try:
             async with trio.open_nursery() as nursery:
@@ -243,18 +239,7 @@ class Intake:
                 cleanup.shield = True
                 await self.outbox.send(Leave(peer.conn_id, reason))
 
-    def _stream_of(self, request: WebSocketRequest) -> SubscriberStream | None:
-        """The connection's socket stream, for the broadcaster's fast path (None: it uses
-        trio-websocket's send_message only)."""
-        remote = request.remote
-        if not isinstance(remote, str):
-            return None
-        for listener in self._listeners:
-            if (stream := listener.stream_for(remote)) is not None:
-                return stream
-        return None
-
-    async def _read(self, connection: Any, peer: Peer) -> str:
+    async def _read(self, connection: WebSocketConnection, peer: Peer) -> str:
         """Handle the connection's messages until it closes; return the disconnect reason."""
         try:
             while True:
@@ -269,7 +254,7 @@ class Intake:
                 return f"closed with {e.reason.code} {e.reason.reason or ''}".strip()
             return "closed by client"
 
-    async def _watch(self, connection: Any, peer: Peer) -> None:
+    async def _watch(self, connection: WebSocketConnection, peer: Peer) -> None:
         """Close a peer that stops answering pings: a dead network path never says so."""
         reason = await keep_alive(connection, interval=self.settings.ping_interval, timeout=self.settings.ping_timeout)
         if reason is None:

@@ -11,16 +11,13 @@ and written before anything else (`flush`, or the next `send_all`), so bytes on 
 never interleave. trio-websocket writes only through `send_all` (pings, pongs, text
 events, the close handshake), which is serialized with `write_nowait` by one lock.
 
-Intake serves WebSockets on `SubscriberListener`s; it finds each connection's stream by
-the name trio-websocket reports as the request's `remote` (`stream_for`), since the
-handler gets only the request.
+Intake serves WebSockets on `SubscriberListener`s and hands each connection's stream to
+the broadcaster with its Join.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import weakref
 
 import trio
 from wsproto.frame_protocol import FrameProtocol
@@ -40,18 +37,10 @@ class SubscriberStream(trio.abc.HalfCloseableStream):
     so that the next `flush` or `send_all` raises it where trio-websocket expects it.
     """
 
-    _serial = itertools.count(1)
-
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._write_lock = trio.Lock()
         self._pending: memoryview | None = None
-        # trio-websocket reports a stream it does not know by its repr (as the request's
-        # `remote`); a unique one lets intake find the stream again.
-        self._name = f"<SubscriberStream #{next(self._serial)}>"
-
-    def __repr__(self) -> str:
-        return self._name
 
     @property
     def pending_bytes(self) -> int:
@@ -106,25 +95,17 @@ class SubscriberStream(trio.abc.HalfCloseableStream):
 
 
 class SubscriberListener(trio.abc.Listener[SubscriberStream]):
-    """A SocketListener (wrapped, like the stream) whose connections are
-    SubscriberStreams, remembered by name for as long as they are alive."""
+    """A SocketListener (wrapped, like the stream) whose connections are SubscriberStreams."""
 
     def __init__(self, listener: trio.SocketListener) -> None:
         self.listener = listener
-        self._streams: weakref.WeakValueDictionary[str, SubscriberStream] = weakref.WeakValueDictionary()
 
     @property
     def port(self) -> int:
         return int(self.listener.socket.getsockname()[1])
 
     async def accept(self) -> SubscriberStream:
-        stream = SubscriberStream(await self.listener.accept())
-        self._streams[repr(stream)] = stream
-        return stream
+        return SubscriberStream(await self.listener.accept())
 
     async def aclose(self) -> None:
         await self.listener.aclose()
-
-    def stream_for(self, name: str) -> SubscriberStream | None:
-        """The live stream that trio-websocket reported as `name` (a request's `remote`)."""
-        return self._streams.get(name)
