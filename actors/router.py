@@ -20,6 +20,7 @@ from pipeline.config import Settings
 from pipeline.errors import ProviderError
 from pipeline.flow import Envelope, Event, Shutdown, Speech, UtteranceEnd
 from pipeline.metrics import Metrics
+from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.registry import ProviderSet
 from pipeline.speaking import Speaker, Utterance
 
@@ -93,6 +94,7 @@ class Router:
             lookahead=settings.lookahead,
             short_first_piece=settings.short_first_piece,
             metrics=metrics,
+            bounds=PieceBounds.from_settings(settings),
         )
         self._ids = itertools.count(1)
 
