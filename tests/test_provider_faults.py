@@ -10,6 +10,7 @@ fallback speaks is known exactly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,13 +19,19 @@ from typing import Any
 import pytest
 import structlog
 import trio
+from hypothesis import given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from pipeline.audio import read_wav
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
+from pipeline.flow import Audio, Event, Speech
+from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.openai_compat import kokoros_provider
+from pipeline.speaking import Speaker, Utterance
 from tests.fakes.faulty_server import FaultyServer
 from tests.support import Heard, ScriptedProvider, finished, provider_set, receive_until, send, tone
 
@@ -189,3 +196,53 @@ async def test_a_body_ending_mid_sample_drops_the_half_sample_and_says_so():
     assert seen.errors("u1") == [] and seen.finished("u1")["status"] == "ok"
     assert seen.pcm("u1") == fake.pcm[:sent - 1]
     assert [e["bytes"] for e in logs if e["event"] == "provider.half_sample"] == [1]
+
+
+# -- the same bounds hold for any provider, not only HTTP ones (MockClock, no network) ----
+
+
+async def speak_on(provider: ScriptedProvider, bounds: PieceBounds, text: str, speed: float | None = None
+                   ) -> tuple[str, list[Speech]]:
+    fallback = ScriptedProvider(TTSProvider.KOKOROS, script=lambda piece: [FALLBACK_PCM])
+    settings = Settings(fallback=("kokoros",))
+    speaker = Speaker(provider_set(settings, provider, fallback), sample_rate=24000, fallback=("kokoros",),
+                      lookahead=1, short_first_piece=False, bounds=bounds)
+    out: list[Speech] = []
+
+    async def emit(item: Speech) -> None:
+        out.append(item)
+
+    utt = Utterance("u1", text, None, speed, None, owner=1, received_at=0.0)
+    with trio.fail_after(600):
+        status = await speaker.speak(utt, TTSProvider.PIPER, emit)
+    return status, out
+
+
+def errors_in(out: list[Speech]) -> list[dict[str, Any]]:
+    return [item.payload for item in out if isinstance(item, Event) and item.payload["type"] == "error"]
+
+
+async def test_any_provider_slower_than_the_piece_deadline_is_given_up(autojump_clock):
+    slow = ScriptedProvider(TTSProvider.PIPER, script=lambda text: [tone(2400)] * 100, seconds=1.0)
+    bounds = PieceBounds(timeout=10.0, timeout_per_char=0.5, audio_base=1000.0, audio_per_char=0.0)
+    text = "Twenty characters!!!"
+    status, out = await speak_on(slow, bounds, text, speed=0.5)
+    # 10 s + 0.5 s x 20 characters x 1/0.5 = 30 s: 30 of the 100 items were heard.
+    assert trio.current_time() == pytest.approx(30.0)
+    (error,) = errors_in(out)
+    assert "within 30.0 s" in error["message"] and error["recovered"] is True
+    assert status == "partial"
+
+
+@given(chars=st.integers(min_value=1, max_value=300), speed=st.sampled_from([0.25, 0.5, 1.0, 2.0, 4.0]),
+       item=st.integers(min_value=1, max_value=4800))
+@hyp_settings(deadline=None, max_examples=25)
+def test_no_provider_can_send_more_audio_than_the_text_holds(chars: int, speed: float, item: int):
+    # Small bounds and items of at least 100 samples keep each example to a few thousand items.
+    bounds = PieceBounds(audio_base=0.1, audio_per_char=0.01)
+    endless = ScriptedProvider(TTSProvider.PIPER, script=lambda text: itertools.repeat(b"\x01\x02" * (99 + item)))
+    status, out = trio.run(speak_on, endless, bounds, "x" * chars, speed)
+    heard = sum(len(o.pcm) for o in out if isinstance(o, Audio))
+    assert heard == bounds.audio_bytes("x" * chars, speed, 24000)
+    (error,) = errors_in(out)
+    assert "more audio than the text can hold" in error["message"] and status == "partial"
