@@ -21,6 +21,7 @@ from pipeline.errors import ProviderError
 from pipeline.events import Accepted, Cancelled, Closed, ErrorCode, ErrorEvent, ProviderChanged, Ready, ServerEvent, Status
 from pipeline.flow import Broadcast, Envelope, Reply, SessionStatus, Shutdown, Speech, UtteranceEnd
 from pipeline.metrics import Metrics
+from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.registry import ProviderSet
 from pipeline.session import ACCEPTING, SessionInput, SessionState, transition
 from pipeline.speaking import Speaker, Utterance
@@ -102,6 +103,7 @@ class Router:
             lookahead=settings.lookahead,
             short_first_piece=settings.short_first_piece,
             metrics=metrics,
+            bounds=PieceBounds.from_settings(settings),
         )
         self._ids = itertools.count(1)
         # A provider check (start-up, Initialize) gets as long as an HTTP provider's own

@@ -126,6 +126,10 @@ SPECS: tuple[Spec, ...] = (
     Spec("http_parallel", int, "requests one HTTP provider may have in flight", _between(1, 64)),
     Spec("breaker_failures", int, "failures in a row that open a provider's circuit", _between(1, 1000)),
     Spec("breaker_cooldown", float, "seconds a provider with an open circuit is skipped", _non_negative),
+    Spec("piece_timeout", float, "seconds any provider may take for one piece, plus the per-character part", _positive),
+    Spec("piece_timeout_per_char", float, "seconds added to piece_timeout per character of the piece (more below speed 1)", _non_negative),
+    Spec("max_audio_base", float, "seconds of audio any piece may have, plus the per-character part (over speed)", _positive),
+    Spec("max_audio_per_char", float, "seconds of audio allowed per character of a piece; more is cut off", _positive),
 )
 SPECS_BY_NAME = {s.name: s for s in SPECS}
 
@@ -175,6 +179,10 @@ class Settings:
     http_parallel: int = 2
     breaker_failures: int = 3
     breaker_cooldown: float = 30.0
+    piece_timeout: float = 20.0
+    piece_timeout_per_char: float = 0.2
+    max_audio_base: float = 5.0
+    max_audio_per_char: float = 1.0
     openai_api_key: str | None = dataclasses.field(default=None, repr=False)
 
     def masked(self) -> dict[str, Any]:

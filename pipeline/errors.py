@@ -12,9 +12,11 @@
             ├── ProviderTimeout      connect, first byte, stall or piece deadline
             ├── ProviderEmptyAudio   a successful answer that carried no audio
             └── UnspeakableText      the TEXT made the provider fail (its phonemizer
-                                     crashed or ran out of memory, or the server refused
-                                     the input): `provider_fault` is False, so the
-                                     circuit breaker does not count it
+                │                    crashed or ran out of memory, or the server refused
+                │                    the input): `provider_fault` is False, so the
+                │                    circuit breaker does not count it
+                └── InputRefused     an HTTP 400/413/422: both a ProviderHTTPError
+                                     (`status`) and an UnspeakableText
 
 Messages are written for the person reading the event: what went wrong and what to do.
 They never contain secrets (API keys are never formatted into them).
@@ -101,3 +103,15 @@ class UnspeakableText(ProviderFailed):
 
     retryable = False
     provider_fault = False
+
+
+class InputRefused(ProviderHTTPError, UnspeakableText):
+    """An HTTP provider refused this request's input (HTTP 400, 413 or 422): the server is
+    well, the request was not; never retried, not counted by the circuit breaker."""
+
+    retryable = False
+    provider_fault = False
+
+    def __init__(self, message: str, *, status: int, retry_after: float | None = None) -> None:
+        super().__init__(message, status=status, retry_after=retry_after)
+        self.retryable = False

@@ -23,6 +23,7 @@ from pipeline.errors import ProviderError, ProviderFailed
 from pipeline.events import ErrorEvent, Status
 from pipeline.flow import Audio, Broadcast, Speech, UtteranceBegin
 from pipeline.metrics import Metrics
+from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.base import Provider
 from pipeline.providers.registry import ProviderSet
 from pipeline.text import iter_pieces
@@ -71,8 +72,10 @@ class Speaker:
         lookahead: int,
         short_first_piece: bool,
         metrics: Metrics | None = None,
+        bounds: PieceBounds | None = None,
     ) -> None:
         self.providers = providers
+        self.bounds = bounds or PieceBounds()
         self.metrics = metrics or Metrics()
         self.sample_rate = sample_rate
         self.fallback = tuple(TTSProvider(p) for p in fallback)
@@ -144,7 +147,8 @@ class _Run:
         send, receive = trio.open_memory_channel[bytes | ProviderError](math.inf)
         job = _Piece(text, name, receive, trio.CancelScope(), trio.Event())
         provider = self.speaker.providers.get(name)
-        self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, after.underway if after else None)
+        self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, after.underway if after else None,
+                                self.speaker.bounds)
         return job
 
     async def all_pieces(self, texts: _Pieces) -> Status:
@@ -190,6 +194,10 @@ class _Run:
             if pcm:
                 await self._send_pcm(job.provider, pcm)
                 sent_any = True
+        if aligner.leftover:
+            # The answer ended inside a sample: half a sample cannot be played, so it is
+            # dropped (a body that broke off is already a failure, reported above).
+            log.warning("provider.half_sample", provider=job.provider.value, bytes=aligner.leftover)
         if not sent_any:
             return False, ProviderFailed(f"{job.provider.value} produced no audio for the piece")
         return True, None
@@ -241,20 +249,36 @@ async def _synthesize_piece(
     utt: Utterance,
     out: trio.MemorySendChannel[bytes | ProviderError],
     after: trio.Event | None,
+    bounds: PieceBounds = PieceBounds(),
 ) -> None:
     """Run one provider on one piece, passing audio (or the failure) into `out`; start
-    only once the previous piece is under way (`after`)."""
+    only once the previous piece is under way (`after`).
+
+    Error handling: whatever the provider, the piece ends with `ProviderTimeout` past its
+    deadline and is cut off with `ProviderFailed` past its audio cap (`bounds`); the audio
+    up to the cap has gone out. Both close the provider's stream (an HTTP request is
+    dropped, so the server stops too)."""
     async with out:
         with job.scope:
             try:
                 if after is not None:
                     await after.wait()
-                stream: AsyncIterator[bytes] = provider.synthesize(job.text, utt.voice, utt.speed)
-                async with aclosing(stream):  # type: ignore[type-var]
-                    async for pcm in stream:
-                        if pcm:
-                            job.underway.set()
-                            await out.send(pcm)
+                speed = _speed(provider, utt)
+                room = bounds.audio_bytes(job.text, speed, provider.sample_rate)
+                with trio.move_on_after(bounds.deadline(job.text, speed)) as timer:
+                    stream: AsyncIterator[bytes] = provider.synthesize(job.text, utt.voice, utt.speed)
+                    async with aclosing(stream):  # type: ignore[type-var]
+                        async for pcm in stream:
+                            if len(pcm) > room:
+                                if room:
+                                    await out.send(pcm[:room])
+                                raise bounds.too_much_audio(provider.name.value, job.text, speed)
+                            room -= len(pcm)
+                            if pcm:
+                                job.underway.set()
+                                await out.send(pcm)
+                if timer.cancelled_caught:
+                    await out.send(bounds.timed_out(provider.name.value, job.text, speed))
             except ProviderError as e:
                 await out.send(e)
             except Exception as e:  # a provider bug must not take the daemon down
@@ -262,3 +286,10 @@ async def _synthesize_piece(
                 await out.send(ProviderFailed(f"{provider.name.value} crashed: {type(e).__name__}"))
             finally:
                 job.underway.set()
+
+
+def _speed(provider: Provider, utt: Utterance) -> float:
+    """The speed the piece is spoken at: the utterance's, else the provider's setting."""
+    configured = getattr(provider, "default_speed", None) or getattr(provider, "speed", None)
+    speed = utt.speed or configured
+    return float(speed) if isinstance(speed, (int, float)) and speed > 0 else 1.0

@@ -18,10 +18,13 @@ import pytest
 import structlog
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import (
+    InputRefused,
     ProviderEmptyAudio,
     ProviderError,
     ProviderFailed,
@@ -31,6 +34,7 @@ from pipeline.errors import (
 )
 from pipeline.providers.breaker import BreakerState, CircuitBreaker
 from pipeline.providers.openai_compat import OpenAICompatProvider, kokoros_provider, openai_provider
+from pipeline.providers.speech_body import TEXT_SNIFF_BYTES, NotAudioBody, SpeechBodyDecoder
 from tests.fakes.tts_servers import tone, wav_float32_streaming, wav_s16
 
 KEY = "sk-proj-TOPSECRET0123456789abcdefXYZ"
@@ -192,13 +196,111 @@ async def test_wav_at_another_rate_is_resampled_to_24_khz() -> None:
 @pytest.mark.parametrize("content_type, body, named", [
     ("audio/mpeg", b"\xff\xfb\x90\x00" * 10, "audio/mpeg"),
     ("application/octet-stream", b"ID3\x04\x00" + b"\x00" * 40, "mp3"),
-    ("application/json", b'{"audio": "..."}', "application/json"),
 ])
 async def test_an_answer_that_is_not_pcm_or_wav_fails_clearly(content_type: str, body: bytes, named: str) -> None:
     server = Server(lambda request, n: audio(body, content_type=content_type))
     error = await fail(server.kokoros(), ProviderFailed)
     assert named in error.message and "pcm" in error.message
     assert len(server.requests) == 1
+
+
+OPENAI_ERROR = json.dumps({"error": {"message": "The server had an error while processing your request.",
+                                     "type": "server_error", "param": None, "code": None}}).encode()
+FASTAPI_ERROR = json.dumps({"detail": {"error": "processing_error", "message": "Model not loaded",
+                                       "type": "server_error"}}).encode()
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Welcome</title></head><body><h1>Sign in to the Wi-Fi</h1></body></html>"
+
+
+@pytest.mark.parametrize("content_type, body, kind, message", [
+    ("audio/pcm", OPENAI_ERROR, "JSON (sent as audio/pcm)", "The server had an error while processing your request."),
+    ("audio/pcm", FASTAPI_ERROR, "JSON (sent as audio/pcm)", "Model not loaded"),
+    (None, b'  {"detail": "Not Found"}', "JSON", "Not Found"),
+    ("audio/pcm", HTML_PAGE, "an HTML page (sent as audio/pcm)", "Welcome Sign in to the Wi-Fi"),
+    ("application/octet-stream", b"Internal Server Error, please try again later.",
+     "text (sent as application/octet-stream)", "Internal Server Error"),
+    ("application/json; charset=utf-8", FASTAPI_ERROR, "application/json", "Model not loaded"),
+    ("text/html", HTML_PAGE, "text/html", "Welcome Sign in to the Wi-Fi"),
+    ("text/plain", b"OK", "text/plain", "OK"),
+])
+async def test_a_200_that_is_text_fails_with_the_servers_message_and_no_audio(
+        content_type: str | None, body: bytes, kind: str, message: str) -> None:
+    # Cut into 1-byte pieces: sniffing must hold its verdict across any split.
+    headers = {"content-type": content_type} if content_type else {}
+    server = Server(lambda request, n: httpx.Response(200, headers=headers,
+                                                      stream=Body([body[i:i + 1] for i in range(len(body))])))
+    received: list[bytes] = []
+    with pytest.raises(ProviderFailed) as caught:
+        async with aclosing(server.kokoros().synthesize("Hi.", None, None)) as stream:
+            async for piece in stream:
+                received.append(piece)
+    assert received == []
+    assert f"Kokoros answered HTTP 200 with {kind} instead of audio: {message}" in caught.value.message
+    assert not caught.value.retryable and len(server.requests) == 1
+
+
+async def test_a_text_answer_echoing_the_key_does_not_show_it() -> None:
+    echo = json.dumps({"error": {"message": f"Key {KEY} has no access to speech.", "code": "no_access"}}).encode()
+    server = Server(lambda request, n: audio(echo))
+    error = await fail(server.openai(), ProviderFailed)
+    assert "no access to speech" in error.message and KEY not in error.message
+
+
+def decode(body: bytes, cuts: list[int], content_type: str | None = "audio/pcm") -> bytes:
+    decoder = SpeechBodyDecoder("Test", content_type)
+    edges = [0, *sorted({c for c in cuts if 0 < c < len(body)}), len(body)]
+    out = b"".join(decoder.feed(body[a:b]) for a, b in zip(edges, edges[1:], strict=False))
+    return out + decoder.finish()
+
+
+printable = st.binary(min_size=1, max_size=200).map(lambda b: bytes(0x20 + x % 0x5F for x in b))
+cuts = st.lists(st.integers(min_value=0, max_value=300), max_size=8)
+
+
+@given(body=st.binary(min_size=1, max_size=400), where=st.integers(min_value=0, max_value=TEXT_SNIFF_BYTES - 1),
+       byte=st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0xFF, 0x1F]), cuts=cuts)
+def test_pcm_with_any_non_printable_byte_early_passes_bit_exact_in_any_split(body: bytes, where: int, byte: int,
+                                                                             cuts: list[int]) -> None:
+    # Real PCM starts near silence (0x00/0xFF bytes): the sniffer must never eat or delay it.
+    body = bytearray(body + bytes(TEXT_SNIFF_BYTES))
+    body[min(where, len(body) - 1)] = byte
+    if body.startswith((b"RIFF", b"\xef\xbb\xbf")) or body[:1] == b"R":
+        body[0] = 0
+    assert decode(bytes(body), cuts) == bytes(body)
+
+
+@given(text=printable, cuts=cuts, content_type=st.sampled_from(["audio/pcm", None, "application/octet-stream"]))
+def test_a_body_of_printable_ascii_is_never_played(text: bytes, cuts: list[int], content_type: str | None) -> None:
+    with pytest.raises(NotAudioBody):
+        decode(text, cuts, content_type)
+
+
+@pytest.mark.parametrize("rate, channels, named", [
+    (1, 1, "claiming 1 Hz"), (0, 1, "claiming 0 Hz"), (7999, 1, "claiming 7999 Hz"),
+    (10_000_000, 1, "claiming 10000000 Hz"), (48001, 1, "claiming 48001 Hz"), (24000, 100, "claiming 100 channels"),
+    (24000, 0, "claiming 0 channels"),
+])
+async def test_a_wav_header_with_an_impossible_rate_or_channel_count_is_refused(rate: int, channels: int,
+                                                                                named: str) -> None:
+    # 4.8 KB claiming 1 Hz would otherwise be resampled into 40 minutes of audio.
+    wav = bytearray(wav_s16(tone(100)))
+    struct.pack_into("<HI", wav, 22, channels, rate)
+    server = Server(lambda request, n: audio(bytes(wav), content_type="audio/wav"))
+    error = await fail(server.kokoros(), ProviderFailed)
+    assert named in error.message
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+async def test_wav_at_every_speech_rate_is_accepted(rate: int) -> None:
+    server = Server(lambda request, n: audio(wav_s16(tone(50, rate=rate), rate=rate), content_type="audio/wav"))
+    out = b"".join(await collect(server.kokoros()))
+    assert abs(len(out) // 2 - 1200) <= 24
+
+
+async def test_a_wav_header_cut_inside_a_sample_drops_only_the_half_sample() -> None:
+    wav = wav_s16(PCM)
+    server = Server(lambda request, n: audio(wav[:-1], content_type="audio/wav"))
+    assert b"".join(await collect(server.kokoros())) == PCM[:-2]
 
 
 async def test_a_wav_encoding_it_cannot_read_fails_clearly_and_is_not_retried() -> None:
@@ -243,6 +345,28 @@ async def test_http_errors_carry_the_status_and_the_servers_message(answer, stat
     error = await fail(server.kokoros(max_retries=0), ProviderHTTPError)
     assert error.status == status
     assert expected in error.message
+
+
+@pytest.mark.parametrize("status, body", [
+    (400, {"error": {"message": "string too long", "type": "invalid_request_error",
+                     "param": "input", "code": "string_above_max_length"}}),
+    (413, {"detail": "Request Entity Too Large"}),
+    (422, {"detail": [{"type": "string_type", "loc": ["body", "input"], "msg": "Input should be a valid string"}]}),
+])
+async def test_a_request_the_server_refuses_is_the_texts_fault_not_the_providers(status: int, body: object,
+                                                                                autojump_clock) -> None:
+    server = Server(answer_json(status, body))
+    error = await fail(server.openai(max_retries=3), InputRefused)
+    assert isinstance(error, ProviderHTTPError) and error.status == status
+    assert error.provider_fault is False and not error.retryable
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 500, 502, 503])
+async def test_other_error_statuses_stay_the_providers_fault(status: int, autojump_clock) -> None:
+    server = Server(lambda request, n: httpx.Response(status))
+    error = await fail(server.kokoros(max_retries=0), ProviderHTTPError)
+    assert error.provider_fault is True and not isinstance(error, InputRefused)
 
 
 async def test_kokoros_empty_500_points_at_its_log() -> None:

@@ -11,6 +11,14 @@ Decisions (see DESIGN.md section 5):
 - Connect, first-byte and stall timeouts are `ProviderTimeout`; an HTTP error status is
   `ProviderHTTPError` with the server's own message; a 200 without audio (Kokoros' answer
   to an unknown voice) is `ProviderEmptyAudio`; a body that breaks off is `ProviderFailed`.
+  (The total time and the amount of audio of a piece are bounded for every provider by
+  `pipeline.speaking`, see `pipeline.piece_bounds`.)
+- Content, not the provider: a 400, 413 or 422 says the server refused THIS request (the
+  text, or a voice or speed the client chose), so it is `InputRefused` (an
+  `UnspeakableText`, which the circuit breaker does not count). 401/403/404/5xx,
+  timeouts and broken bodies are the provider's fault.
+- A 200 whose body is text (a JSON error, a proxy's HTML page; by content type or by its
+  first bytes, see `speech_body`) is `ProviderFailed` with the server's own message.
 - Retries (exponential backoff with jitter, or the server's `Retry-After` up to
   `retry_after_cap`) happen only before any audio was yielded, at most `max_retries`
   times, and never for a 4xx other than 408 and 429, an empty answer or a refused
@@ -43,6 +51,7 @@ from pipeline import __version__
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import (
+    InputRefused,
     ProviderEmptyAudio,
     ProviderError,
     ProviderFailed,
@@ -51,11 +60,13 @@ from pipeline.errors import (
     ProviderUnavailable,
 )
 from pipeline.providers.base import Provider
-from pipeline.providers.speech_body import SAMPLE_RATE, SpeechBodyDecoder
+from pipeline.providers.speech_body import SAMPLE_RATE, NotAudioBody, SpeechBodyDecoder, permanent_failure
 
 SPEECH_PATH: Final = "/v1/audio/speech"
 BACKOFF_BASE: Final = 0.25  # first retry after 0.25–0.5 s, then 0.5–1 s, …
 ERROR_BODY_LIMIT: Final = 64 * 1024  # past this an error page only repeats itself
+# Statuses that refuse the request itself (bad or too long input), not a sick server.
+INPUT_REFUSED: Final = frozenset({400, 413, 422})
 DETAIL_LIMIT: Final = 300  # characters of a server's error message worth showing
 LABELS: Final = {TTSProvider.KOKOROS: "Kokoros", TTSProvider.OPENAI: "OpenAI"}
 START_HINTS: Final = {
@@ -213,21 +224,25 @@ class OpenAICompatProvider(Provider):
                 raise self._first_byte_timeout()
             if response.status_code >= 300:
                 raise await self._http_error(response, deadline)
-            decoder = SpeechBodyDecoder(self._label, response.headers.get("content-type"))
+            content_type = response.headers.get("content-type")
             received = produced = 0
             async with aclosing(_generator(response.aiter_bytes())) as body:
-                while True:
-                    if produced:
-                        deadline = trio.current_time() + s.stall_timeout
-                    data = await self._read(body, deadline, produced, received)
-                    if data is None:
-                        break
-                    received += len(data)
-                    audio = decoder.feed(data)
-                    if audio:
-                        produced += len(audio)
-                        yield audio
-            tail = decoder.finish()
+                try:
+                    decoder = SpeechBodyDecoder(self._label, content_type)
+                    while True:
+                        if produced:
+                            deadline = trio.current_time() + s.stall_timeout
+                        data = await self._read(body, deadline, produced, received)
+                        if data is None:
+                            break
+                        received += len(data)
+                        audio = decoder.feed(data)
+                        if audio:
+                            produced += len(audio)
+                            yield audio
+                    tail = decoder.finish()
+                except NotAudioBody as text:
+                    raise await self._text_answer(text, body, content_type) from None
             if tail:
                 produced += len(tail)
                 yield tail
@@ -259,20 +274,24 @@ class OpenAICompatProvider(Provider):
         raise ProviderTimeout(f"{self._label} stopped sending audio for {self._settings.stall_timeout:g} s "
                               f"in the middle of an answer (stall_timeout); the server may be overloaded")
 
+    async def _text_answer(self, text: NotAudioBody, body: AsyncIterator[bytes],
+                           content_type: str | None) -> ProviderFailed:
+        """Build the error for a 200 whose body is text, with the server's message if it has one."""
+        raw = text.head + await _read_some(body, trio.current_time() + self._settings.stall_timeout,
+                                           ERROR_BODY_LIMIT - len(text.head))
+        detail = self._scrub(_error_detail(raw))
+        sniffed = "/" not in text.kind  # found by its first bytes, not by its content type
+        shown = f" (sent as {content_type})" if sniffed and content_type else ""
+        return permanent_failure(
+            f"{self._label} answered HTTP 200 with {text.kind}{shown} instead of audio"
+            + (f": {detail}" if detail else "") + "; the server (or a proxy in front of it) is not sending speech")
+
     async def _http_error(self, response: httpx.Response, deadline: float) -> ProviderHTTPError:
         """Build the error for an HTTP error status, with the body's message if it has one."""
-        raw = bytearray()
-        with trio.move_on_at(deadline):
-            try:
-                async with aclosing(_generator(response.aiter_bytes())) as body:
-                    async for piece in body:
-                        raw += piece
-                        if len(raw) > ERROR_BODY_LIMIT:
-                            break
-            except httpx.HTTPError:
-                pass  # the status alone still says what happened
+        async with aclosing(_generator(response.aiter_bytes())) as body:
+            raw = await _read_some(body, deadline, ERROR_BODY_LIMIT)
         status = response.status_code
-        detail = self._scrub(_error_detail(bytes(raw)))
+        detail = self._scrub(_error_detail(raw))
         message = f"{self._label} answered HTTP {status}" + (f": {detail}" if detail else " with no details")
         if status in (401, 403):
             message += f"; {self._auth_hint()}"
@@ -282,6 +301,8 @@ class OpenAICompatProvider(Provider):
             message += f" (redirect to {response.headers.get('location', '?')}); set the URL to where it points"
         elif not detail and status >= 500 and self.name is TTSProvider.KOKOROS:
             message += " (Kokoros reports every error this way; its log says what went wrong)"
+        if status in INPUT_REFUSED:
+            return InputRefused(message, status=status, retry_after=_retry_after(response))
         return ProviderHTTPError(message, status=status, retry_after=_retry_after(response))
 
     def _transport_error(self, error: httpx.HTTPError) -> ProviderError:
@@ -359,6 +380,20 @@ def _retry_after(response: httpx.Response) -> float | None:
 def _generator(pieces: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
     # httpx types its body iterators loosely; they are async generators (they have aclose).
     return cast(AsyncGenerator[bytes, None], pieces)
+
+
+async def _read_some(body: AsyncIterator[bytes], deadline: float, limit: int) -> bytes:
+    """Up to about `limit` bytes of a body (an error message), whatever arrives by `deadline`."""
+    raw = bytearray()
+    with trio.move_on_at(deadline):
+        try:
+            async for piece in body:
+                raw += piece
+                if len(raw) > limit:
+                    break
+        except httpx.HTTPError:
+            pass  # what arrived (or the status alone) still says what happened
+    return bytes(raw)
 
 
 def _describe(error: Exception) -> str:
