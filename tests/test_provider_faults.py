@@ -28,7 +28,8 @@ from pipeline.audio import read_wav
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
-from pipeline.flow import Audio, Event, Speech
+from pipeline.events import ErrorEvent
+from pipeline.flow import Audio, Broadcast, Speech
 from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.openai_compat import kokoros_provider
 from pipeline.speaking import Speaker, Utterance
@@ -218,8 +219,8 @@ async def speak_on(provider: ScriptedProvider, bounds: PieceBounds, text: str, s
     return status, out
 
 
-def errors_in(out: list[Speech]) -> list[dict[str, Any]]:
-    return [item.payload for item in out if isinstance(item, Event) and item.payload["type"] == "error"]
+def errors_in(out: list[Speech]) -> list[ErrorEvent]:
+    return [item.event for item in out if isinstance(item, Broadcast) and isinstance(item.event, ErrorEvent)]
 
 
 async def test_any_provider_slower_than_the_piece_deadline_is_given_up(autojump_clock):
@@ -230,7 +231,7 @@ async def test_any_provider_slower_than_the_piece_deadline_is_given_up(autojump_
     # 10 s + 0.5 s x 20 characters x 1/0.5 = 30 s: 30 of the 100 items were heard.
     assert trio.current_time() == pytest.approx(30.0)
     (error,) = errors_in(out)
-    assert "within 30.0 s" in error["message"] and error["recovered"] is True
+    assert "within 30.0 s" in error.message and error.recovered is True
     assert status == "partial"
 
 
@@ -245,4 +246,4 @@ def test_no_provider_can_send_more_audio_than_the_text_holds(chars: int, speed: 
     heard = sum(len(o.pcm) for o in out if isinstance(o, Audio))
     assert heard == bounds.audio_bytes("x" * chars, speed, 24000)
     (error,) = errors_in(out)
-    assert "more audio than the text can hold" in error["message"] and status == "partial"
+    assert "more audio than the text can hold" in error.message and status == "partial"
