@@ -2,17 +2,14 @@
 served by hypercorn's trio worker inside the daemon's own process (same host as the
 WebSocket, port `http_port`).
 
-`POST /v1/speak` goes through the same pipeline as a WebSocket command: each request
-joins the broadcaster as a short-lived control-only pseudo-connection, sends its
-Envelope to the router, and answers with the router's `accepted` or `error` reply.
+`POST /v1/speak` goes through the same router as a WebSocket command: each request sends
+its Envelope with a channel of its own, on which the router puts its one answer
+(`accepted` or `error`); the broadcaster never hears of HTTP requests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import itertools
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -37,8 +34,8 @@ from pipeline import __version__, access, protocol
 from pipeline.commands import Command, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
-from pipeline.events import ErrorCode, ErrorEvent
-from pipeline.flow import Envelope, Join, Leave, Outgoing, SubscriberOptions
+from pipeline.events import Accepted, ErrorCode, ErrorEvent, ServerEvent
+from pipeline.flow import Envelope
 from pipeline.metrics import CONTENT_TYPE, Metrics
 from pipeline.providers.registry import ProviderSet
 from pipeline.session import SessionState
@@ -92,43 +89,12 @@ CORS_PREFLIGHT: Final = {
 }
 
 
-def http_connection_ids() -> itertools.count[int]:
-    """Connection ids for HTTP requests: intake counts up from 1, these count down from
-    -1, so the broadcaster and router never see one id used twice."""
-    return itertools.count(-1, -1)
-
-
-class ReplyInbox:
-    """What the broadcaster sees of one HTTP request: a connection whose messages land in
-    a memory channel for the request handler to read."""
-
-    def __init__(self) -> None:
-        # Unbounded but short-lived: it gets `hello` and one reply before the Leave.
-        self._send, self._receive = trio.open_memory_channel[str | bytes](math.inf)
-
-    async def send_message(self, data: str | bytes) -> None:
-        with contextlib.suppress(trio.ClosedResourceError):  # a late message after aclose
-            self._send.send_nowait(data)
-
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        self._send.close()
-
-    async def reply(self) -> dict[str, Any] | None:
-        """The first `accepted` or `error` event; None if the broadcaster closed us."""
-        async for data in self._receive:
-            if isinstance(data, str):
-                event = json.loads(data)
-                if event.get("type") in ("accepted", "error"):
-                    return event
-        return None
-
-
 class HttpFace:
     """The HTTP actor.
 
-    Resource handling: owns its clones of the commands and outbox channels (closed when
-    it stops) and hypercorn's listener. It reads the session through `status`, an
-    observation from the broadcaster, and asks `providers` only read-only questions.
+    Resource handling: owns its clone of the commands channel (closed when it stops) and
+    hypercorn's listener. It reads the session through `status` (what the router last
+    published) and asks `providers` only read-only questions.
     Once `stopping` is set (graceful shutdown), /readyz and /v1/speak answer 503.
     Error handling: every refused request gets the WebSocket's `error` event as its JSON
     body with the HTTP status of STATUS_BY_CODE (400 for bad input; 403 origin, 405
@@ -139,7 +105,6 @@ class HttpFace:
         self,
         settings: Settings,
         commands: trio.MemorySendChannel[Envelope],
-        outbox: trio.MemorySendChannel[Outgoing],
         *,
         status: Callable[[], StatusView],
         providers: ProviderSet,
@@ -150,14 +115,12 @@ class HttpFace:
     ) -> None:
         self.settings = settings
         self.commands = commands
-        self.outbox = outbox
         self.status = status
         self.providers = providers
         self.metrics = metrics
         self.ws_port = ws_port
         self.stopping = stopping if stopping is not None else trio.Event()
         self.web_root = web_root
-        self._ids = http_connection_ids()
         self._buckets: dict[str, access.TokenBucket] = {}
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -167,7 +130,7 @@ class HttpFace:
         config.bind = [f"{host}:{self.settings.http_port}"]
         config.errorlog = HYPERCORN_LOG
         config.accesslog = None
-        async with self.commands, self.outbox, trio.open_nursery() as nursery:
+        async with self.commands, trio.open_nursery() as nursery:
             # Starlette is an ASGI app; hypercorn's stricter ASGI typing does not see that.
             binds = await nursery.start(functools.partial(serve, self.app(), config))  # type: ignore[arg-type]
             task_status.started(int(binds[0].rsplit(":", 1)[1]))
@@ -269,11 +232,11 @@ class HttpFace:
         except SpeechError as e:
             return _refuse(400, e.code, e.message)
         reply = await self._submit(command, received_at)
-        if reply["type"] == "accepted":
-            return JSONResponse({"utterance_id": reply["utterance_id"], "position": reply["position"]}, 202)
-        status = STATUS_BY_CODE.get(reply["code"], 400)
+        if isinstance(reply, Accepted):
+            return JSONResponse({"utterance_id": reply.utterance_id, "position": reply.position}, 202)
+        status = STATUS_BY_CODE.get(reply.code, 400) if isinstance(reply, ErrorEvent) else 500
         headers = {"Retry-After": "1"} if status == 429 else None
-        return JSONResponse(reply, status, headers=headers)
+        return JSONResponse(protocol.as_dict(reply), status, headers=headers)
 
     def _rate_limit_wait(self, request: Request) -> float | None:
         """None when this client address may send a command now (the WebSocket's
@@ -286,26 +249,21 @@ class HttpFace:
             bucket = self._buckets[address] = access.TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
         return None if bucket.take() else bucket.wait_seconds()
 
-    async def _submit(self, command: Command, received_at: float) -> dict[str, Any]:
-        """Send one command through the router as a pseudo-connection; its reply event."""
-        conn_id = next(self._ids)
-        inbox = ReplyInbox()
-        # Join goes first on the outbox, so the broadcaster knows us before any reply.
-        await self.outbox.send(Join(conn_id, inbox, SubscriberOptions(subscribe=False)))
-        try:
-            with trio.move_on_after(HANDOVER_TIMEOUT) as handover:
-                await self.commands.send(Envelope(conn_id, command, received_at))
-            if handover.cancelled_caught:
-                return _error(ErrorCode.QUEUE_FULL, "the daemon is too busy to take commands; try again later")
-            with trio.move_on_after(REPLY_TIMEOUT):
-                reply = await inbox.reply()
-                # No reply means the broadcaster closed us: the daemon is going away.
-                return reply or _error(ErrorCode.NOT_INITIALIZED, "the daemon is shutting down; try again later")
-            return _error(ErrorCode.PROVIDER_UNAVAILABLE, f"the daemon did not answer within {REPLY_TIMEOUT:g} s")
-        finally:
-            with trio.move_on_after(1) as cleanup:
-                cleanup.shield = True
-                await self.outbox.send(Leave(conn_id, "http request done"))
+    async def _submit(self, command: Command, received_at: float) -> ServerEvent:
+        """Hand one command to the router with a channel for its answer; that answer.
+
+        Error handling: a router that cannot take the command within HANDOVER_TIMEOUT
+        (overloaded) answers `queue_full`; one that does not answer within
+        REPLY_TIMEOUT answers `provider_unavailable`.
+        """
+        answer_send, answer = trio.open_memory_channel[ServerEvent](1)
+        with trio.move_on_after(HANDOVER_TIMEOUT) as handover:
+            await self.commands.send(Envelope(None, command, received_at, answer=answer_send))
+        if handover.cancelled_caught:
+            return ErrorEvent(ErrorCode.QUEUE_FULL, "the daemon is too busy to take commands; try again later")
+        with trio.move_on_after(REPLY_TIMEOUT):
+            return await answer.receive()
+        return ErrorEvent(ErrorCode.PROVIDER_UNAVAILABLE, f"the daemon did not answer within {REPLY_TIMEOUT:g} s")
 
 
 class SecurityHeaders:

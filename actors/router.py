@@ -33,7 +33,7 @@ log = structlog.get_logger()
 class _CloseMark:
     """Queued by Close: when the speaker reaches it, everything before it has been spoken."""
 
-    conn_id: int | None
+    asker: Envelope
 
 
 class UtteranceQueue:
@@ -109,7 +109,7 @@ class Router:
         # A provider check (start-up, Initialize) gets as long as an HTTP provider's own
         # health check may take; the embedded voice's workers load well within it.
         self.check_timeout = settings.connect_timeout + settings.first_byte_timeout
-        self._check_waiters: list[int | None] = []  # Initializes waiting for the check
+        self._check_waiters: list[Envelope | None] = []  # Initializes waiting for the check
         self._nursery: trio.Nursery
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -130,47 +130,47 @@ class Router:
         if isinstance(envelope, Shutdown):
             await self._shut_down(envelope)
             return
-        command, conn = envelope.command, envelope.conn_id
+        command, asker = envelope.command, envelope
         match command:
             case SendMessage():
                 await self._accept(command, envelope)
             case Initialize():
-                await self._initialize(conn)
+                await self._initialize(asker)
             case SetTTSProvider(provider=name):
                 if reason := self.providers.unavailable_reason(name):
-                    await self._reject(conn, ErrorCode.PROVIDER_UNAVAILABLE, reason)
+                    await self._reject(asker, ErrorCode.PROVIDER_UNAVAILABLE, reason)
                     return
                 self.current = name
                 log.info("provider.changed", provider=name.value)
                 # Checked in the background only so that /readyz knows how it is doing.
                 self._nursery.start_soon(self._check_quietly, name)
                 await self._publish()
-                await self.speech.send(Broadcast(ProviderChanged(name.value), also_to=conn))
+                await self._announce(asker, ProviderChanged(name.value))
             case Close():
                 if self.stopping:
-                    await self._reject(conn, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
+                    await self._reject(asker, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
                     return
                 await self._move(SessionInput.CLOSE)
-                self.queue.put(_CloseMark(conn))
+                self.queue.put(_CloseMark(asker))
             case Cancel(all=everything):
-                await self._cancel(conn, everything)
+                await self._cancel(asker, everything)
 
     async def _accept(self, command: SendMessage, envelope: Envelope) -> None:
-        conn = envelope.conn_id
+        asker = envelope
         if self.stopping or self.session not in ACCEPTING:
             why = "the daemon is shutting down" if self.stopping else f"the session is {self.session}; send initialize first"
-            await self._reject(conn, ErrorCode.NOT_INITIALIZED, why)
+            await self._reject(asker, ErrorCode.NOT_INITIALIZED, why)
             return
         if command.provider is not None and (reason := self.providers.unavailable_reason(command.provider)):
-            await self._reject(conn, ErrorCode.PROVIDER_UNAVAILABLE, reason)
+            await self._reject(asker, ErrorCode.PROVIDER_UNAVAILABLE, reason)
             return
         chosen = self.providers.get(command.provider or self.current)
         if reason := chosen.unknown_voice_reason(command.voice):
-            await self._reject(conn, ErrorCode.INVALID_COMMAND, reason)
+            await self._reject(asker, ErrorCode.INVALID_COMMAND, reason)
             return
         if len(self.queue) >= self.settings.max_pending:
             await self._reject(
-                conn, ErrorCode.QUEUE_FULL, f"{self.settings.max_pending} utterances are already waiting; try again later"
+                asker, ErrorCode.QUEUE_FULL, f"{self.settings.max_pending} utterances are already waiting; try again later"
             )
             return
         utt = Utterance(
@@ -179,29 +179,29 @@ class Router:
             voice=command.voice,
             speed=command.speed,
             provider=command.provider,
-            owner=conn,
+            owner=envelope.conn_id,
             received_at=envelope.received_at,
         )
         position = len(self.queue)
         log.info("utterance.accepted", utterance_id=utt.id, chars=len(utt.text), position=position)
-        await self._answer(conn, Accepted(utt.id, position))
+        await self._answer(asker, Accepted(utt.id, position))
         self.queue.put(utt)
 
-    async def _initialize(self, conn: int | None) -> None:
+    async def _initialize(self, asker: Envelope | None) -> None:
         """Open the session now; check the current provider in its own task (never in
         this command loop, so cancel is served at once whatever the check does) and
         answer `ready` or `provider_unavailable` when the check ends. Initializes that
         arrive while a check runs share its answer."""
         if self.stopping:
-            await self._reject(conn, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
+            await self._reject(asker, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
             return
         if self.session is SessionState.CLOSING:
             # The pending close is cancelled: each Close that waited is answered now,
             # before this Initialize's `ready`, and nothing closes afterwards.
             for mark in self.queue.drop_close_marks():
-                await self.speech.send(Broadcast(Closed(), also_to=mark.conn_id))
+                await self._announce(mark.asker, Closed())
         await self._move(SessionInput.INITIALIZE)
-        self._check_waiters.append(conn)
+        self._check_waiters.append(asker)
         if len(self._check_waiters) == 1:
             self._nursery.start_soon(self._check_current)
 
@@ -216,18 +216,18 @@ class Router:
         waiters, self._check_waiters = self._check_waiters, []
         if failure is not None:
             log.warning("provider.unavailable", provider=name.value, error=failure)
-            for conn in waiters:
-                await self._reject(conn, ErrorCode.PROVIDER_UNAVAILABLE, failure)
+            for asker in waiters:
+                await self._reject(asker, ErrorCode.PROVIDER_UNAVAILABLE, failure)
             return
         log.info("session.ready", provider=name.value)
-        for conn in waiters:
-            await self.speech.send(Broadcast(Ready(name.value), also_to=conn))
+        for asker in waiters:
+            await self._announce(asker, Ready(name.value))
 
     async def _check_quietly(self, name: TTSProvider) -> None:
         with contextlib.suppress(ProviderError):
             await self.providers.check(name, self.check_timeout)
 
-    async def _cancel(self, conn: int, everything: bool) -> None:
+    async def _cancel(self, asker: Envelope, everything: bool) -> None:
         ids = []
         if self.speaking is not None:
             utt, scope = self.speaking
@@ -235,7 +235,7 @@ class Router:
             ids.append(utt.id)
         if everything:
             ids += await self._cancel_waiting()
-        await self._answer(conn, Cancelled(tuple(ids)))
+        await self._answer(asker, Cancelled(tuple(ids)))
 
     async def _cancel_waiting(self) -> list[str]:
         """Drop every queued utterance, each ending as `cancelled`; their ids."""
@@ -259,14 +259,26 @@ class Router:
             grace_s=shutdown.grace,
         )
 
-    async def _reject(self, conn: int | None, code: ErrorCode, message: str) -> None:
-        log.info("command.rejected", code=code, conn=conn)
-        await self._answer(conn, ErrorEvent(code, message))
+    async def _reject(self, asker: Envelope | None, code: ErrorCode, message: str) -> None:
+        log.info("command.rejected", code=code, conn=asker.conn_id if asker else None)
+        await self._answer(asker, ErrorEvent(code, message))
 
-    async def _answer(self, conn: int | None, event: ServerEvent) -> None:
-        """Answer one connection (None: the daemon itself asked, nobody to answer)."""
-        if conn is not None:
-            await self.speech.send(Reply(conn, event))
+    async def _answer(self, asker: Envelope | None, event: ServerEvent) -> None:
+        """Answer the command's sender only: a WebSocket through the broadcaster (in order
+        with everything else it receives), an HTTP request through its own channel (None:
+        the daemon itself asked, nobody to answer)."""
+        if asker is None:
+            return
+        if asker.answer is not None:
+            _hand_over(asker.answer, event)
+        elif asker.conn_id is not None:
+            await self.speech.send(Reply(asker.conn_id, event))
+
+    async def _announce(self, asker: Envelope | None, event: ServerEvent) -> None:
+        """Broadcast `event`; the sender gets that copy as its answer."""
+        await self.speech.send(Broadcast(event, also_to=asker.conn_id if asker else None))
+        if asker is not None and asker.answer is not None:
+            _hand_over(asker.answer, event)
 
     async def _move(self, happened: SessionInput) -> None:
         """Apply the session table and publish the state it lands in."""
@@ -292,7 +304,7 @@ class Router:
                 await self._move(SessionInput.DRAINED)
                 await self.providers.aclose()
                 log.info("session.closed")
-                await self.speech.send(Broadcast(Closed(), also_to=item.conn_id))
+                await self._announce(item.asker, Closed())
                 continue
             await self._speak(item)
 
@@ -306,3 +318,10 @@ class Router:
                 status = await self.speaker.speak(utt, first, self.speech.send)
             self.speaking = None
             await self.speech.send(UtteranceEnd(utt.id, utt.owner, status, first, trio.current_time() - started))
+
+
+def _hand_over(answer: trio.MemorySendChannel[ServerEvent], event: ServerEvent) -> None:
+    """Put the one answer of an HTTP command in its channel; a request that stopped
+    waiting (its client left) is no loss."""
+    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        answer.send_nowait(event)

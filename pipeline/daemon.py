@@ -67,7 +67,7 @@ async def serve(
     metrics = Metrics()
     broadcaster = Broadcaster(settings, outbox_recv, metrics)
     # Cloned before intake takes the originals: each closes its own handles when it ends.
-    http_commands, http_outbox = commands_send.clone(), outbox_send.clone()
+    http_commands = commands_send.clone()
     # The daemon's own handle on the router's channel, for the Shutdown step.
     control = commands_send.clone()
     stopping = trio.Event()
@@ -80,7 +80,6 @@ async def serve(
         http_face = HttpFace(
             settings,
             http_commands,
-            http_outbox,
             status=broadcaster.status,
             providers=providers,
             metrics=metrics,

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from pipeline.commands import Command, TTSProvider
 from pipeline.events import ServerEvent, Status, UtteranceFinished, UtteranceStarted
 from pipeline.session import SessionState
@@ -26,11 +28,14 @@ class SubscriberOptions:
 
 @dataclass(frozen=True)
 class Envelope:
-    """A command from one connection, stamped with the time it arrived (trio clock)."""
+    """A command, stamped with the time it arrived (trio clock), and where its one answer
+    goes: to WebSocket connection `conn_id` (through the broadcaster), or into `answer`
+    (an HTTP request waiting for it; `conn_id` is then None)."""
 
-    conn_id: int
+    conn_id: int | None
     command: Command
     received_at: float
+    answer: trio.MemorySendChannel[ServerEvent] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class UtteranceBegin:
     utterance_id: str
     provider: TTSProvider
     voice: str
-    owner: int
+    owner: int | None  # the WebSocket connection that submitted it (None: over HTTP)
     received_at: float
 
 
@@ -81,7 +86,7 @@ class Audio:
 @dataclass(frozen=True)
 class UtteranceEnd:
     utterance_id: str
-    owner: int
+    owner: int | None  # the WebSocket connection that submitted it (None: over HTTP)
     status: Status
     provider: TTSProvider  # the one chosen (the chunker knows which one was heard)
     synth_seconds: float = 0.0
@@ -107,7 +112,7 @@ class StartNotice:
     subscriber's format) and times the first audio from `received_at`."""
 
     event: UtteranceStarted
-    owner: int
+    owner: int | None  # the WebSocket connection that submitted it (None: over HTTP)
     received_at: float
 
 
@@ -117,7 +122,7 @@ class FinishNotice:
     announces it. `provider`: the one heard first (or the chosen one, if none was)."""
 
     event: UtteranceFinished
-    owner: int
+    owner: int | None  # the WebSocket connection that submitted it (None: over HTTP)
     provider: str
 
 

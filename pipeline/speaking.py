@@ -43,7 +43,7 @@ class Utterance:
     voice: str | None
     speed: float | None
     provider: TTSProvider | None  # a one-off choice; None = the session's current one
-    owner: int
+    owner: int | None  # the WebSocket connection that submitted it (None: over HTTP)
     received_at: float
 
 

@@ -15,6 +15,7 @@ from functools import partial
 import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from pipeline import __version__
@@ -97,7 +98,7 @@ async def test_readyz_says_why_the_provider_cannot_be_used():
 
 async def test_speak_over_http_reaches_websocket_subscribers():
     provider = ScriptedProvider(script=lambda text: [tone(4800), tone(2400, 500)])
-    with trio.fail_after(30):
+    with trio.fail_after(30), capture_logs() as logs:
         async with daemon_and_client(BASE, provider) as (daemon, http):
             async with open_websocket_url(ws_url(daemon)) as ws:
                 await until_session_open(ws)
@@ -111,6 +112,8 @@ async def test_speak_over_http_reaches_websocket_subscribers():
     assert done["status"] == "ok"
     assert heard.pcm() == bytes(provider.produced)
     assert provider.texts == ["Over HTTP."]
+    # The request is no pseudo-subscriber: only the WebSocket client ever connected.
+    assert len([e for e in logs if e["event"] == "subscriber.connected"]) == 1
 
 
 BAD_BODIES = [
