@@ -5,12 +5,11 @@ bytes, and the fast path that writes a frame straight to its socket when nothing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+
 
 import trio
 
-from actors.subscriber_stream import SubscriberStream
-from pipeline.flow import SubscriberOptions
+from pipeline.flow import FastPath, Outlet, SubscriberOptions
 
 
 @dataclass(frozen=True)
@@ -25,7 +24,7 @@ class Subscriber:
     """One connection: its options, its outgoing queue (bounded in bytes) and sender."""
 
     conn_id: int
-    connection: Any
+    connection: Outlet
     options: SubscriberOptions
     limit: int
     queue_send: trio.MemorySendChannel[str | bytes | Pending]
@@ -34,7 +33,7 @@ class Subscriber:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     dropped: bool = False
     going_away: bool = False  # the daemon stops: send what is queued, then close with 1001
-    stream: SubscriberStream | None = None  # a WebSocket's socket: the fast path for frames
+    stream: FastPath | None = None  # a WebSocket's socket: the fast path for frames
 
     def write_through(self, wire: bytes) -> bool:
         """Hand a whole frame's wire bytes to the socket now, when nothing is queued or

@@ -76,7 +76,8 @@ class Resampler:
         if self._stream is None:
             return pcm
         samples = np.frombuffer(pcm, dtype="<i2")
-        return self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+        out: bytes = self._stream.resample_chunk(samples, last=last).astype("<i2").tobytes()
+        return out
 
     def flush(self) -> bytes:
         """The samples still inside the filter; call once at the end of a stream."""

@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import trio
+from trio_websocket import CloseReason
 
 from pipeline.commands import Command, TTSProvider
 from pipeline.events import ServerEvent, Status, UtteranceFinished, UtteranceStarted
@@ -132,9 +133,30 @@ class FinishNotice:
 @dataclass(frozen=True)
 class Join:
     conn_id: int
-    connection: Any  # trio_websocket.WebSocketConnection
+    connection: Outlet
     options: SubscriberOptions
-    stream: Any = None  # its actors.subscriber_stream.SubscriberStream, for the fast path
+    stream: FastPath | None = None  # the connection's socket, for frames written without awaiting
+
+
+class Outlet(Protocol):
+    """What the broadcaster needs of a client connection (trio-websocket's
+    WebSocketConnection is one): write a message, close it, say whether it is closed."""
+
+    @property
+    def closed(self) -> CloseReason | None: ...
+
+    async def send_message(self, message: str | bytes) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+class FastPath(Protocol):
+    """The socket under a connection, written without awaiting when it has room
+    (actors/subscriber_stream.SubscriberStream)."""
+
+    def write_nowait(self, data: bytes) -> int | None: ...
+
+    async def flush(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -154,7 +176,7 @@ class Shutdown:
     `done` once every connection has left."""
 
     grace: float
-    done: Any  # trio.Event, set by the broadcaster
+    done: trio.Event  # set by the broadcaster
 
 
 Notice = Reply | Broadcast | SessionStatus

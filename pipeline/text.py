@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import pysbd
@@ -235,7 +235,7 @@ def _first_cut(text: str, sentence: _Sentence, max_chars: int) -> int | None:
         if ends[k - 1] - starts[0] <= max_chars and not _is_short(text, starts[k], sentence.end)
     ]
     inner = set(sentence.inner)
-    rules = (
+    rules: tuple[Callable[[int], bool], ...] = (
         lambda k: bool(_CLAUSE_END.search(words[k - 1])) or starts[k] in inner,
         lambda k: _bare(words[k]) in _CONJUNCTIONS,
         lambda k: _bare(words[k]) in _PREPOSITIONS,

@@ -326,7 +326,7 @@ class OpenAICompatProvider(Provider):
     def _retry_delay(self, attempt: int, error: ProviderError) -> float:
         if error.retry_after is not None:
             return min(error.retry_after, self._settings.retry_after_cap)
-        step = BACKOFF_BASE * 2**attempt
+        step = BACKOFF_BASE * 2.0**attempt
         # Random jitter keeps many clients that failed together from retrying together.
         return step + self._random.uniform(0, step)
 
