@@ -239,9 +239,9 @@ class Broadcaster:
 
     def _shut_down(self, shutdown: Shutdown) -> None:
         """Everything before `shutdown` has been queued: let each subscriber receive its
-        queue (within close_timeout), then close it with 1001. `shutdown.done` is set once
+        queue (within close_timeout), then close it with 1001. `shutdown.closed` is set once
         every connection is closed (at once when there is none)."""
-        self._stopped = shutdown.done
+        self._stopped = shutdown.closed
         for sub in list(self.subscribers.values()):
             self._go_away(sub)
         self._check_stopped()

@@ -95,7 +95,8 @@ class HttpFace:
     Resource handling: owns its clone of the commands channel (closed when it stops) and
     hypercorn's listener. It reads the session through `status` (what the router last
     published) and asks `providers` only read-only questions.
-    Once `stopping` is set (graceful shutdown), /readyz and /v1/speak answer 503.
+    Once the daemon's drain calls `stop_accepting`, /readyz and /v1/speak answer 503;
+    `stop` then ends hypercorn gracefully (its shutdown trigger).
     Error handling: every refused request gets the WebSocket's `error` event as its JSON
     body with the HTTP status of STATUS_BY_CODE (400 for bad input; 403 origin, 405
     method, 413 size, 415 content type).
@@ -110,7 +111,6 @@ class HttpFace:
         providers: ProviderSet,
         metrics: Metrics,
         ws_port: int,
-        stopping: trio.Event | None = None,
         web_root: Path = WEB_ROOT,
     ) -> None:
         self.settings = settings
@@ -119,7 +119,9 @@ class HttpFace:
         self.providers = providers
         self.metrics = metrics
         self.ws_port = ws_port
-        self.stopping = stopping if stopping is not None else trio.Event()
+        self.accepting = True
+        self._stop_serving = trio.Event()  # hypercorn's shutdown trigger
+        self._stopped = trio.Event()
         self.web_root = web_root
         self._buckets: dict[str, access.TokenBucket] = {}
 
@@ -130,10 +132,26 @@ class HttpFace:
         config.bind = [f"{host}:{self.settings.http_port}"]
         config.errorlog = HYPERCORN_LOG
         config.accesslog = None
-        async with self.commands, trio.open_nursery() as nursery:
-            # Starlette is an ASGI app; hypercorn's stricter ASGI typing does not see that.
-            binds = await nursery.start(functools.partial(serve, self.app(), config))  # type: ignore[arg-type]
-            task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        config.graceful_timeout = self.settings.close_timeout
+        try:
+            async with self.commands, trio.open_nursery() as nursery:
+                # Starlette is an ASGI app; hypercorn's stricter ASGI typing does not see that.
+                app = self.app()
+                hypercorn = functools.partial(serve, app, config, shutdown_trigger=self._stop_serving.wait)  # type: ignore[arg-type]
+                binds = await nursery.start(hypercorn)
+                task_status.started(int(binds[0].rsplit(":", 1)[1]))
+        finally:
+            self._stopped.set()
+
+    def stop_accepting(self) -> None:
+        """A step of the daemon's drain: /readyz and /v1/speak answer 503 from now on."""
+        self.accepting = False
+
+    async def stop(self) -> None:
+        """The last step of the daemon's drain: hypercorn stops listening, lets requests
+        in flight finish (within close_timeout) and returns."""
+        self._stop_serving.set()
+        await self._stopped.wait()
 
     def app(self) -> Starlette:
         routes: list[Route | Mount] = [
@@ -163,7 +181,7 @@ class HttpFace:
         chain = [current, *(TTSProvider(p) for p in self.settings.fallback if p != current.value)]
         reasons = [self.providers.not_ready_reason(name) for name in chain]
         reason = None if None in reasons else reasons[0]
-        if self.stopping.is_set():
+        if not self.accepting:
             reason = "the daemon is shutting down"
         elif reason is None and view.session is not SessionState.OPEN:
             reason = f"the session is {view.session}; send initialize"
@@ -213,7 +231,7 @@ class HttpFace:
                 return _refuse(401, "unauthorized", "this token may not send commands; use the control token")
         except access.HandshakeError as e:
             return _refuse(e.status, "unauthorized", e.message)
-        if self.stopping.is_set():
+        if not self.accepting:
             return _refuse(503, "not_initialized", "the daemon is shutting down; try again later")
         if (wait := self._rate_limit_wait(request)) is not None:
             return _rate_limited(self.settings, wait)

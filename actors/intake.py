@@ -137,13 +137,11 @@ class Intake:
         settings: Settings,
         commands: trio.MemorySendChannel[Envelope],
         outbox: trio.MemorySendChannel[Outgoing],
-        stopping: trio.Event | None = None,
     ) -> None:
         self.settings = settings
         self.commands = commands
         self.outbox = outbox
-        # Set by the daemon when it begins to shut down: from then on nothing new is accepted.
-        self.stopping = stopping if stopping is not None else trio.Event()
+        self.accepting = True  # until the daemon's drain calls stop_accepting
         self._ids = itertools.count(1)
         self.slots = access.ConnectionSlots(settings.max_connections)
 
@@ -155,6 +153,12 @@ class Intake:
             listeners = [SubscriberListener(listener) for listener in sockets]
             await nursery.start(trio.serve_listeners, self._handle_stream, listeners)
             task_status.started(listeners[0].port)
+
+    def stop_accepting(self) -> None:
+        """The first step of the daemon's drain: from now on every handshake gets 503 and
+        every command `not_initialized`; open connections keep receiving until the
+        broadcaster closes them."""
+        self.accepting = False
 
     async def _handle_stream(self, stream: SubscriberStream) -> None:
         """One TCP connection: read its WebSocket handshake (within close_timeout), serve
@@ -193,7 +197,7 @@ class Intake:
         (never the token); a client that vanishes during the handshake is forgotten.
         While the daemon shuts down every handshake gets 503.
         """
-        if self.stopping.is_set():
+        if not self.accepting:
             await self._refuse(request, 503, "the daemon is shutting down; try again later")
             return
         try:
@@ -296,7 +300,7 @@ class Intake:
         except SpeechError as e:
             await self._reply_error(peer.conn_id, e.code, e.message)
             return
-        if self.stopping.is_set():
+        if not self.accepting:
             await self._reply_error(peer.conn_id, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down; no new commands")
             return
         await self.commands.send(Envelope(peer.conn_id, command, received_at))

@@ -298,6 +298,7 @@ class Router:
             item = await self.queue.get()
             if isinstance(item, Shutdown):
                 await self.providers.aclose()
+                item.spoken.set()
                 await self.speech.send(item)
                 return
             if isinstance(item, _CloseMark):

@@ -5,6 +5,7 @@ print the effective configuration.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -151,7 +152,7 @@ async def _serve_until_signalled(settings: Settings) -> None:
     at most shutdown_grace for the speaking utterance, then every WebSocket gets 1001);
     a second one stops at once. Either way the process exits 0. SIGHUP, SIGUSR1 and
     SIGUSR2 are logged as `daemon.signal` and change nothing."""
-    from pipeline.daemon import serve
+    from pipeline.daemon import RunningDaemon, serve
 
     log = structlog.get_logger()
     requested = trio.Event()
@@ -172,9 +173,17 @@ async def _serve_until_signalled(settings: Settings) -> None:
                         log.info("daemon.stopped", graceful=False)
                         nursery.cancel_scope.cancel()
 
+            async def run_daemon(task_status: trio.TaskStatus[RunningDaemon] = trio.TASK_STATUS_IGNORED) -> None:
+                await serve(settings, shutdown=requested.wait, task_status=task_status)
+                nursery.cancel_scope.cancel()  # drained: stop watching for signals
+
             nursery.start_soon(watch_signals)
-            await serve(settings, shutdown=requested.wait)
-            nursery.cancel_scope.cancel()
+            await nursery.start(run_daemon)
+            # What start-up built (the voice, the actors, the libraries) lives as long as
+            # this process: keep it out of the cyclic collector, whose full passes would
+            # otherwise pause fan-out to thousands of subscribers (docs/fanout.md).
+            gc.collect()
+            gc.freeze()
 
 
 # ---------------------------------------------------------------- clients

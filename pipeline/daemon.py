@@ -1,14 +1,17 @@
 """The daemon: the four actors in one nursery, joined by bounded memory channels, plus
-the HTTP face, which enters the same pipeline through clones of the same channels.
+the HTTP face, which enters the same pipeline through a clone of the commands channel.
 
     WS clients ─► intake ───┬─commands─► router ─speech─► chunker ─outbox─► broadcaster ─► subscribers
-    HTTP ───────► http_face ┘
-    (intake and http_face also put Join / Leave / their own error replies on the outbox)
+    HTTP ───────► http_face ┘    │                                              ▲
+                     ▲           └── HTTP answers (a channel in each Envelope)  │
+                     └── status: the router's last published SessionStatus ────┘
+    (intake also puts Join / Leave and its own error replies on the outbox)
+
+The daemon owns the one drain sequence of a graceful stop (`_drain`).
 """
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,8 +59,8 @@ async def serve(
 ) -> None:
     """Run the daemon; `task_status` reports once it is listening.
 
-    When `shutdown()` returns (e.g. `shutdown=event.wait`), the daemon stops gracefully
-    (see `_stop_gracefully`) and `serve` returns. Cancelling `serve` stops it at once.
+    When `shutdown()` returns (e.g. `shutdown=event.wait`), the daemon drains (`_drain`)
+    and `serve` returns. Cancelling `serve` stops it at once.
     """
     providers = providers or default_providers(settings)
     commands_send, commands_recv = trio.open_memory_channel[Envelope | Shutdown](COMMAND_BUFFER)
@@ -68,15 +71,15 @@ async def serve(
     broadcaster = Broadcaster(settings, outbox_recv, metrics)
     # Cloned before intake takes the originals: each closes its own handles when it ends.
     http_commands = commands_send.clone()
-    # The daemon's own handle on the router's channel, for the Shutdown step.
+    # The daemon's own handle on the router's channel, for the drain's Shutdown step.
     control = commands_send.clone()
-    stopping = trio.Event()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(broadcaster.run)
         await nursery.start(Chunker(settings, speech_recv, outbox_send.clone()).run)
         await nursery.start(Router(settings, providers, commands_recv, speech_send, metrics).run)
-        port = await nursery.start(Intake(settings, commands_send, outbox_send, stopping).run)
+        intake = Intake(settings, commands_send, outbox_send)
+        port = await nursery.start(intake.run)
         http_face = HttpFace(
             settings,
             http_commands,
@@ -84,14 +87,8 @@ async def serve(
             providers=providers,
             metrics=metrics,
             ws_port=port,
-            stopping=stopping,
         )
         http_port = await nursery.start(http_face.run)
-        # What start-up built (the voice, the actors, the libraries) lives as long as the
-        # process: keep it out of the cyclic collector, whose full passes otherwise pause
-        # fan-out to thousands of subscribers (docs/fanout.md).
-        gc.collect()
-        gc.freeze()
         log.info(
             "daemon.started",
             version=__version__,
@@ -104,30 +101,45 @@ async def serve(
         if shutdown is None:
             return  # runs until cancelled
         await shutdown()
-        graceful = await _stop_gracefully(settings, stopping, control)
+        graceful = await _drain(settings, intake, http_face, control)
         nursery.cancel_scope.cancel()
     log.info("daemon.stopped", graceful=graceful)
 
 
-async def _stop_gracefully(
-    settings: Settings, stopping: trio.Event, control: trio.MemorySendChannel[Envelope | Shutdown]
+async def _drain(
+    settings: Settings, intake: Intake, http_face: HttpFace, control: trio.MemorySendChannel[Envelope | Shutdown]
 ) -> bool:
-    """Stop as DESIGN.md section 3 says: intake refuses new handshakes (503) and commands
-    (`not_initialized`); the router cancels the queued utterances and gives the speaking
-    one `shutdown_grace` seconds; the broadcaster delivers what is queued and closes
-    every WebSocket with 1001.
+    """Stop as DESIGN.md section 3 says, one step after the other, each within its bound:
 
-    Error handling: returns False when connections were still open after the bound
-    (grace + 2 x close_timeout + slack); the caller then stops anyway.
+    1. stop accepting: new handshakes get 503, commands `not_initialized`, /readyz 503;
+    2. the router ends every queued utterance as `cancelled` and gives the speaking one
+       `shutdown_grace` seconds; its Shutdown mark then follows the last audio down the
+       pipeline (bound: grace + slack);
+    3. on that mark the broadcaster delivers what each subscriber has queued and closes it
+       with 1001 (bound: 2 x close_timeout + slack: delivery, then the close handshake);
+    4. hypercorn stops through its shutdown trigger, letting requests in flight finish
+       (bound: close_timeout + slack).
+
+    Error handling: a step that overruns its bound is given up and the next one starts;
+    returns False if any did (the caller stops anyway).
     """
     log.info("daemon.stopping", grace_s=settings.shutdown_grace)
-    stopping.set()
-    done = trio.Event()
-    with trio.move_on_after(settings.shutdown_grace + 2 * settings.close_timeout + STOP_SLACK_S):
-        async with control:
-            await control.send(Shutdown(settings.shutdown_grace, done))
-        await done.wait()
-    return done.is_set()
+    intake.stop_accepting()
+    http_face.stop_accepting()
+    shutdown = Shutdown(settings.shutdown_grace)
+    async with control:
+        await control.send(shutdown)
+    steps = (
+        (shutdown.spoken.wait, settings.shutdown_grace + STOP_SLACK_S),
+        (shutdown.closed.wait, 2 * settings.close_timeout + STOP_SLACK_S),
+        (http_face.stop, settings.close_timeout + STOP_SLACK_S),
+    )
+    graceful = True
+    for step, bound in steps:
+        with trio.move_on_after(bound) as overrun:
+            await step()
+        graceful = graceful and not overrun.cancelled_caught
+    return graceful
 
 
 @asynccontextmanager

@@ -170,13 +170,14 @@ class Leave:
 
 @dataclass(frozen=True, eq=False)
 class Shutdown:
-    """The daemon is stopping (SIGTERM/SIGINT): not a client command. The router cancels
-    what waits, gives the speaking utterance `grace` seconds, then passes this on; the
-    broadcaster delivers what each subscriber has queued, closes it with 1001 and sets
-    `done` once every connection has left."""
+    """The daemon is draining (SIGTERM/SIGINT): not a client command. The router cancels
+    what waits, gives the speaking utterance `grace` seconds, sets `spoken` and passes
+    this on; the broadcaster delivers what each subscriber has queued, closes it with
+    1001 and sets `closed` once every connection has left."""
 
     grace: float
-    done: trio.Event  # set by the broadcaster
+    spoken: trio.Event = field(default_factory=trio.Event)
+    closed: trio.Event = field(default_factory=trio.Event)
 
 
 Notice = Reply | Broadcast | SessionStatus

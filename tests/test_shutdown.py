@@ -73,7 +73,7 @@ async def test_router_ends_queued_utterances_and_passes_shutdown_on_last():
             await commands_send.send(Envelope(1, SendMessage("One."), 0.0))
             await commands_send.send(Envelope(1, SendMessage("Two."), 0.0))
             await read_until(lambda item: isinstance(item, Audio))
-            await commands_send.send(Shutdown(30, trio.Event()))
+            await commands_send.send(Shutdown(30))
             await read_until(lambda item: isinstance(item, UtteranceEnd))
             await commands_send.send(Envelope(1, SendMessage("Three."), 0.0))
             await read_until(lambda item: isinstance(item, Reply) and isinstance(item.event, ErrorEvent))
