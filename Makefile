@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench clean
+.PHONY: run test bench soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(STAMP) $(CHROMIUM)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Ten minutes of random load and provider faults against one daemon (docs/soak.md);
+# not part of `make bench`. Options: `$(BIN)/python -m bench.soak --help`.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
