@@ -8,8 +8,10 @@ process (bench/soak_clients.py): control connections sending random valid and in
 commands; healthy subscribers that must see one gap-free, well-formed stream
 (bench/soak_checks.py); slow subscribers that should be dropped with 1013; subscribers that
 vanish mid-stream; now and then a frame over the size limit. Every ~10 s a line of RSS and
-counts; at the end the load stops, the queue drains, `/healthz` is asked, SIGTERM is sent,
-and a table is printed.
+counts. The load runs in two phases, warm-up then the rest; after each the load stops, the
+queue drains and the daemon's RSS is read while it is idle, so the two figures that make the
+growth compare like with like (RSS under load swings by ~100 MiB with what is queued). At the
+end `/healthz` is asked, SIGTERM is sent, and a table is printed.
 
 Targets: daemon RSS growth < 10 % from the end of the warm-up to the end, 0 frames lost by
 healthy subscribers, 0 invariant violations, exit code 0 after SIGTERM. The exit status is
@@ -147,12 +149,13 @@ async def churn(port: int, url: str, rng: random.Random, ledger: Ledger) -> None
                 nursery.start_soon(soak_clients.oversized, url, ledger)
 
 
-async def watch(daemon: DaemonProcess, ledger: Ledger, load: trio.CancelScope) -> None:
-    """End the load early if the daemon dies: nothing more can be learned from it."""
+async def watch(daemon: DaemonProcess, ledger: Ledger, clients: trio.CancelScope) -> None:
+    """End the run early if the daemon dies before SIGTERM: nothing more can be learned."""
     code = await daemon.process.wait()
-    ledger.violations.add("daemon_died", f"exit code {code} during the run; see the log")
-    print(f"the daemon exited with {code} during the run", flush=True)
-    load.cancel()
+    if not ledger.ending:
+        ledger.violations.add("daemon_died", f"exit code {code} during the run; see the log")
+        print(f"the daemon exited with {code} during the run", flush=True)
+        clients.cancel()
 
 
 def sample(daemon: DaemonProcess, started: float) -> Sample:
@@ -209,26 +212,33 @@ async def soak(args: argparse.Namespace) -> Run:
             url = f"ws://127.0.0.1:{daemon.port}/"
             print(f"daemon pid {daemon.process.pid} on {url}, fake Kokoros at {kokoros_url}, "
                   f"log {run.log_path}, seed {args.seed}", flush=True)
+            started = time.monotonic()
             async with trio.open_nursery() as clients:  # they live until the daemon's 1001
                 for i in range(args.healthy):
                     fmt, compress = SUBSCRIBER_VARIANTS[i % len(SUBSCRIBER_VARIANTS)]
                     await clients.start(soak_clients.healthy, f"healthy-{i}", url, fmt, compress, ledger)
-                stop = trio.Event()
                 for i in range(args.controls):
                     control = Control(f"control-{i}", url, random.Random(rng.random()), ledger, COMMAND_INTERVAL)
                     ledger.controls.append(control)
-                    await clients.start(control.run, stop)
-                started = time.monotonic()
-                async with trio.open_nursery() as load:
-                    load.start_soon(report_every, daemon, run, started, args.sample, fault)
-                    load.start_soon(switch_faults, fake, rng, run, fault)
-                    load.start_soon(churn, daemon.port, url, rng, ledger)
-                    load.start_soon(watch, daemon, ledger, load.cancel_scope)
-                    await trio.sleep(args.warmup)
-                    run.warmup_rss_kib = daemon.rss_kib()
-                    await trio.sleep(max(0.0, args.minutes * 60 - args.warmup))
-                    load.cancel_scope.cancel()
-                await end(daemon, run, fake, stop, started, args.drain)
+                    await clients.start(control.run)
+                reporter = trio.CancelScope()
+
+                async def report() -> None:
+                    with reporter:
+                        await report_every(daemon, run, started, args.sample, fault)
+
+                clients.start_soon(report)
+                clients.start_soon(watch, daemon, ledger, clients.cancel_scope)
+                phases = ((args.warmup, "warm-up"), (max(0.0, args.minutes * 60 - args.warmup), "load"))
+                for seconds, name in phases:
+                    await load_for(seconds, daemon, fake, rng, run, fault)
+                    print(f"{name} over at {time.monotonic() - started:.0f} s; draining", flush=True)
+                    rss = await settle(daemon, run, fake, fault, started, args.drain)
+                    if name == "warm-up":
+                        run.warmup_rss_kib = rss
+                run.end_rss_kib = rss
+                reporter.cancel()
+                await end(daemon, run)
                 clients.cancel_scope.deadline = trio.current_time() + 15  # after the 1001s, bounded
             run.stray_lines = list(daemon.stray_lines)
             run.daemon_counts = dict(daemon.counts)
@@ -236,20 +246,35 @@ async def soak(args: argparse.Namespace) -> Run:
     return run
 
 
-async def end(daemon: DaemonProcess, run: Run, fake, stop: trio.Event, started: float, drain: float) -> None:
-    """Stop the load, let the queue drain, check health, SIGTERM, and collect the exit code."""
-    ledger = run.ledger
-    stop.set()
+async def load_for(seconds: float, daemon: DaemonProcess, fake, rng: random.Random, run: Run, fault: list[str]) -> None:
+    """Random commands, churning subscribers and provider faults for `seconds`."""
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as load:
+            for control in run.ledger.controls:
+                load.start_soon(control.send_forever)
+            load.start_soon(switch_faults, fake, rng, run, fault)
+            load.start_soon(churn, daemon.port, f"ws://127.0.0.1:{daemon.port}/", rng, run.ledger)
+
+
+async def settle(daemon: DaemonProcess, run: Run, fake, fault: list[str], started: float, drain: float) -> int:
+    """With the load off and the fake healthy, wait (bounded) until every accepted utterance
+    has finished for every healthy subscriber; then the daemon's RSS, idle."""
     soak_faults.switch(fake, soak_faults.HEALTHY)
-    print(f"load stopped at {time.monotonic() - started:.0f} s; draining", flush=True)
+    fault[0] = "(idle)"
+    run.drained = False
     with trio.move_on_after(drain):
-        while not drained(ledger) and daemon.process.returncode is None:
+        while not drained(run.ledger) and daemon.process.returncode is None:
             await trio.sleep(0.5)  # a bench polling its own counters, not a test's sync
         run.drained = daemon.process.returncode is None
     await trio.sleep(1.0)  # let a late duplicate finished or stray chunk show itself
     last = sample(daemon, started)
     run.samples.append(last)
-    run.end_rss_kib = last.rss_kib
+    return last.rss_kib
+
+
+async def end(daemon: DaemonProcess, run: Run) -> None:
+    """The end-of-run checks, `/healthz`, SIGTERM, and the exit code."""
+    ledger = run.ledger
     final_checks(ledger)
     try:
         async with httpx.AsyncClient(timeout=10) as client:
@@ -276,9 +301,9 @@ def print_table(run: Run, args: argparse.Namespace) -> None:
         ("machine", f"{os.cpu_count()} CPUs, {cpu_model()}, Python {platform.python_version()}"),
         ("run", f"{args.minutes:g} min of load, warm-up {args.warmup:g} s, seed {args.seed}, "
                 f"{args.healthy} healthy subscribers, {args.controls} control connections"),
-        ("daemon RSS start / after warm-up / end / max",
+        ("daemon RSS start / idle after warm-up / idle at end / max",
          f"{mib(start)} / {mib(run.warmup_rss_kib)} / {mib(run.end_rss_kib)} / {mib(max(rss, default=0))}"),
-        ("RSS growth after warm-up", f"{run.growth:+.1f} % (target < {RSS_GROWTH_TARGET:g} %)"),
+        ("RSS growth (idle after warm-up to idle at end)", f"{run.growth:+.1f} % (target < {RSS_GROWTH_TARGET:g} %)"),
         ("worker processes RSS (max)", f"{max((s.workers for s in run.samples), default=0)} processes, "
                                        f"{mib(max(workers, default=0))}"),
         ("commands sent", _counts(ledger.sent)),

@@ -75,7 +75,7 @@ def _send(rng: random.Random) -> dict[str, Any]:
 
 # (name, weight, message builder): a str is sent as a text frame, bytes as a binary frame.
 COMMANDS: tuple[tuple[str, int, Callable[[random.Random], Any]], ...] = (
-    ("send_message", 40, _send),
+    ("send_message", 60, _send),
     ("set_tts_provider", 6, lambda rng: {"type": "set_tts_provider", "provider": rng.choice(PROVIDERS)}),
     ("cancel", 4, lambda rng: {"type": "cancel"}),
     ("cancel_all", 1, lambda rng: {"type": "cancel", "all": True}),
@@ -116,34 +116,34 @@ class Control:
         self.sent = 0
         self.answered = 0
         self.closed_code: int | None = None
+        self.ws: Any = None
 
-    async def run(self, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Send until `stop`, read answers until the daemon closes the connection."""
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, then read answers until the daemon closes the connection; commands are
+        sent by `send_forever`, run by whoever decides when the load is on."""
         async with open_websocket_url(self.url + "?subscribe=0", receive_buffer_size=READ_BYTES) as ws:
-            await self._expect_hello(ws)
+            hello = json.loads(await ws.get_message())
+            if hello.get("type") != "hello":
+                self.ledger.violations.add("no_hello", f"{self.name} got {hello.get('type')} first")
+            self.ws = ws
             task_status.started()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._send_until, ws, stop)
-                await self._read(ws)
-                nursery.cancel_scope.cancel()
+            await self._read(ws)
 
-    async def _expect_hello(self, ws: Any) -> None:
-        hello = json.loads(await ws.get_message())
-        if hello.get("type") != "hello":
-            self.ledger.violations.add("no_hello", f"{self.name} got {hello.get('type')} first")
-
-    async def _send_until(self, ws: Any, stop: trio.Event) -> None:
+    async def send_forever(self) -> None:
+        """Send random commands at a bounded rate until cancelled."""
         names, weights = zip(*((n, w) for n, w, _ in COMMANDS), strict=True)
         builders = {n: b for n, _, b in COMMANDS}
-        while not stop.is_set():  # checked between commands: at most one interval late
+        while True:
             name = self.rng.choices(names, weights)[0]
             message = builders[name](self.rng)
-            self.sent += 1
-            self.ledger.sent[name] += 1
-            try:
-                await ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
-            except ConnectionClosed:
-                return
+            # Shielded: a send cut short by the end of a load phase would leave half a frame.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
+                except ConnectionClosed:
+                    return
+                self.sent += 1
+                self.ledger.sent[name] += 1
             await trio.sleep(self.rng.uniform(*self.interval))
 
     async def _read(self, ws: Any) -> None:
@@ -225,14 +225,16 @@ async def vanishing(port: int, rng: random.Random, ledger: Ledger) -> None:
         stream, _ = await _raw_connect(port, path)
     except OSError:
         return ledger.violations.add("handshake_failed", f"vanishing subscriber {path}")
-    with trio.move_on_after(rng.uniform(0.0, 2.0)):
-        while await stream.receive_some(rng.choice((1, 100, READ_BYTES))):  # odd sizes: stop mid-frame
-            pass
-    ledger.vanished += 1
-    if rng.random() < 0.7:
-        await _reset(stream)
-    else:
-        await stream.aclose()  # a FIN, still no close frame
+    try:
+        with trio.move_on_after(rng.uniform(0.0, 2.0)):
+            while await stream.receive_some(rng.choice((1, 100, READ_BYTES))):  # odd sizes: stop mid-frame
+                pass
+    finally:
+        ledger.vanished += 1
+        if rng.random() < 0.7:
+            await _reset(stream)
+        else:
+            await stream.aclose()  # a FIN, still no close frame
 
 
 async def slow(port: int, rng: random.Random, ledger: Ledger, stall: tuple[float, float]) -> None:
@@ -241,7 +243,15 @@ async def slow(port: int, rng: random.Random, ledger: Ledger, stall: tuple[float
         stream, ws = await _raw_connect(port, "/", SLOW_RCVBUF)
     except OSError:
         return ledger.violations.add("handshake_failed", "slow subscriber")
-    await trio.sleep(rng.uniform(*stall))
+    try:
+        await trio.sleep(rng.uniform(*stall))
+        await _drain_slow(stream, ws, ledger)
+    finally:
+        await _reset(stream)
+
+
+async def _drain_slow(stream: trio.SocketStream, ws: WSConnection, ledger: Ledger) -> None:
+    """Read a slow subscriber's backlog fast and record how the daemon ended it."""
     outcome = "not dropped"
     with trio.move_on_after(15):
         try:
@@ -259,7 +269,6 @@ async def slow(port: int, rng: random.Random, ledger: Ledger, stall: tuple[float
         except trio.BrokenResourceError:
             outcome = "cut without close frame"
     ledger.slow[outcome] += 1
-    await _reset(stream)
 
 
 async def oversized(url: str, ledger: Ledger) -> None:
