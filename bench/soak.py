@@ -106,7 +106,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--healthy", type=int, default=20, help="healthy subscribers (default 20)")
     parser.add_argument("--controls", type=int, default=3, help="control connections (default 3)")
     parser.add_argument("--sample", type=float, default=10.0, help="seconds between RSS lines (default 10)")
-    parser.add_argument("--drain", type=float, default=180.0, help="longest wait for the queue to drain (s)")
+    parser.add_argument("--drain", type=float, default=60.0, help="longest wait for the queue to drain (s)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock)")
     parser.add_argument("--log", type=Path, default=None, help="where to write the daemon's log")
     args = parser.parse_args(argv)
@@ -257,9 +257,12 @@ async def load_for(seconds: float, daemon: DaemonProcess, fake, rng: random.Rand
 
 
 async def settle(daemon: DaemonProcess, run: Run, fake, fault: list[str], started: float, drain: float) -> int:
-    """With the load off and the fake healthy, wait (bounded) until every accepted utterance
-    has finished for every healthy subscriber; then the daemon's RSS, idle."""
+    """With the load off and the fake healthy, cancel everything queued (on a busy machine
+    the queue holds minutes of speech) and wait (bounded) until every accepted utterance has
+    finished for every healthy subscriber; then the daemon's RSS, idle."""
     soak_faults.switch(fake, soak_faults.HEALTHY)
+    if run.ledger.controls:
+        await run.ledger.controls[0].send("cancel_all (end of phase)", {"type": "cancel", "all": True})
     fault[0] = "(idle)"
     run.drained = False
     with trio.move_on_after(drain):

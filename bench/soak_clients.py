@@ -135,16 +135,21 @@ class Control:
         builders = {n: b for n, _, b in COMMANDS}
         while True:
             name = self.rng.choices(names, weights)[0]
-            message = builders[name](self.rng)
-            # Shielded: a send cut short by the end of a load phase would leave half a frame.
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
-                except ConnectionClosed:
-                    return
-                self.sent += 1
-                self.ledger.sent[name] += 1
+            if not await self.send(name, builders[name](self.rng)):
+                return
             await trio.sleep(self.rng.uniform(*self.interval))
+
+    async def send(self, name: str, message: Any) -> bool:
+        """Send one command (a dict as JSON, str or bytes as they are); False once closed."""
+        # Shielded: a send cut short by the end of a load phase would leave half a frame.
+        with trio.CancelScope(shield=True):
+            try:
+                await self.ws.send_message(message if isinstance(message, (str, bytes)) else json.dumps(message))
+            except ConnectionClosed:
+                return False
+            self.sent += 1
+            self.ledger.sent[name] += 1
+        return True
 
     async def _read(self, ws: Any) -> None:
         try:
