@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint bench wheel fuzz clean
+.PHONY: run test lint bench wheel fuzz soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ fuzz: $(STAMP)
 	SPEECHCAST_FUZZ=long $(BIN)/python -m pytest -q tests/test_fuzz_client_input.py
 	mkdir -p fuzz/crashes
 	PYTHONPATH=. $(BIN)/python fuzz/atheris_protocol.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/
+
+# Ten minutes of random load and provider faults against one daemon (docs/soak.md);
+# not part of `make bench`. Options: `$(BIN)/python -m bench.soak --help`.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache build dist
