@@ -13,15 +13,21 @@ import sys
 import urllib.parse
 import wave
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
 
 from pipeline import __version__, protocol
 from pipeline.audio import read_wav
+from pipeline.commands import SendMessage, TTSProvider
 from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
+from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished
 from pipeline.logs import configure_logging
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -203,15 +209,13 @@ def _fail(message: str) -> int:
 
 
 async def say(args: argparse.Namespace) -> int:
-    request: dict[str, Any] = {"type": "send_message", "text": args.text}
-    for field in ("voice", "speed", "provider"):
-        if getattr(args, field) is not None:
-            request[field] = getattr(args, field)
+    provider = TTSProvider(args.provider) if args.provider is not None else None
+    request = SendMessage(args.text, voice=args.voice, speed=args.speed, provider=provider)
     url = with_query(args.url, subscribe="0", token=args.token)
     try:
         with trio.fail_after(args.timeout):
             async with open_websocket_url(url) as ws:
-                await ws.send_message(json.dumps(request))
+                await ws.send_message(protocol.encode_command(request))
                 return await _await_spoken(ws)
     except trio.TooSlowError:
         return _fail(f"gave up after {args.timeout:g} s without utterance_finished")
@@ -221,30 +225,28 @@ async def say(args: argparse.Namespace) -> int:
         return _fail(f"the daemon closed the connection ({e.reason})")
 
 
-async def _await_spoken(ws: Any) -> int:
+async def _await_spoken(ws: WebSocketConnection) -> int:
     utterance_id = None
     errors = 0
     while True:
         message = await ws.get_message()
         if isinstance(message, bytes):
             continue
-        event = json.loads(message)
-        kind = event.get("type")
-        if kind == "error" and event.get("utterance_id") in (None, utterance_id):
-            print(f"error {event['code']}: {event['message']}", file=sys.stderr)
-            if utterance_id is None:
-                return 1
-            errors += 1
-        elif kind == "accepted":
-            utterance_id = event["utterance_id"]
-        elif kind == "utterance_finished" and event["utterance_id"] == utterance_id:
-            ttfa = event.get("ttfa_ms")
-            print(
-                f"{utterance_id} {event['status']}: {event['chunks']} chunks, "
-                f"{event['audio_ms'] / 1000:.2f} s of audio"
-                + (f", first audio after {ttfa:.0f} ms" if ttfa is not None else "")
-            )
-            return 0 if event["status"] == "ok" and not errors else 1
+        match protocol.decode_event(message):
+            case ErrorEvent(code=code, message=text, utterance_id=about) if about in (None, utterance_id):
+                print(f"error {code}: {text}", file=sys.stderr)
+                if utterance_id is None:
+                    return 1
+                errors += 1
+            case Accepted() as accepted:
+                utterance_id = accepted.utterance_id
+            case UtteranceFinished() as done if done.utterance_id == utterance_id:
+                ttfa = done.ttfa_ms
+                print(
+                    f"{utterance_id} {done.status}: {done.chunks} chunks, {done.audio_ms / 1000:.2f} s of audio"
+                    + (f", first audio after {ttfa:.0f} ms" if ttfa is not None else "")
+                )
+                return 0 if done.status == Status.OK and not errors else 1
 
 
 async def listen(args: argparse.Namespace) -> int:
@@ -266,10 +268,10 @@ async def listen(args: argparse.Namespace) -> int:
                     rate = chunk_rate
                     pcm += audio
                     continue
-                event = json.loads(message)
-                if event.get("type") == "utterance_finished":
+                event = protocol.decode_event(message)
+                if isinstance(event, UtteranceFinished):
                     done += 1
-                    print(f"{event['utterance_id']} {event['status']}: {event['audio_ms'] / 1000:.2f} s", file=sys.stderr)
+                    print(f"{event.utterance_id} {event.status}: {event.audio_ms / 1000:.2f} s", file=sys.stderr)
     except (OSError, HandshakeError) as e:
         return _fail(f"cannot connect to {args.url} ({e}); is `speechcast serve` running?")
     except ConnectionClosed as e:

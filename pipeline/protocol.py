@@ -7,6 +7,7 @@ clients (the CLI, tests, benchmarks) use the decoders.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -18,7 +19,15 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 from pipeline import __version__
-from pipeline.commands import Cancel, Close, Command, Initialize, SendMessage, SetTTSProvider, TTSProvider
+from pipeline.commands import (
+    Cancel,
+    Close,
+    Command,
+    Initialize,
+    SendMessage,
+    SetTTSProvider,
+    TTSProvider,
+)
 from pipeline.errors import CommandError
 from pipeline.events import (
     Accepted,
@@ -31,9 +40,11 @@ from pipeline.events import (
     ProviderChanged,
     Ready,
     ServerEvent,
+    Status,
     UtteranceFinished,
     UtteranceStarted,
 )
+from pipeline.session import SessionState
 
 T = TypeVar("T")
 MAX_TEXT_CHARS: Final = 4096
@@ -296,6 +307,44 @@ def as_dict(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> 
 def render(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> str:
     """The event's text frame."""
     return json.dumps(as_dict(event, audio_format), separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- the client's side (CLI, tests)
+
+_EVENT_CLASSES: Final[dict[str, type]] = {name: cls for cls, name in EVENT_TYPES.items()}
+# Fields whose JSON string becomes an enum member (an unknown value stays the plain string).
+_ENUM_FIELDS: Final[dict[str, type]] = {"code": ErrorCode, "status": Status, "session": SessionState}
+
+
+def decode_event(text: str) -> ServerEvent | None:
+    """A server event as a client reads it; None for an event type this version does not
+    know (clients ignore those). Fields it does not know are ignored too.
+
+    Error handling: ValueError (or TypeError) when the text is not such an event.
+    """
+    data = json.loads(text)
+    cls = _EVENT_CLASSES.get(str(data.get("type"))) if isinstance(data, dict) else None
+    if cls is None:
+        return None
+    fields: dict[str, Any] = {}
+    for spec in dataclasses.fields(cls):
+        if spec.name in data:
+            value = data[spec.name]
+            if spec.name in _ENUM_FIELDS:
+                with contextlib.suppress(ValueError):
+                    value = _ENUM_FIELDS[spec.name](value)
+            fields[spec.name] = tuple(value) if isinstance(value, list) else value
+    event: ServerEvent = cls(**fields)
+    return event
+
+
+def encode_command(command: SendMessage) -> str:
+    """The text frame a client sends for `command` (the CLI's `say`)."""
+    message: dict[str, Any] = {"type": "send_message", "text": command.text}
+    for name in ("voice", "speed", "provider"):
+        if (value := getattr(command, name)) is not None:
+            message[name] = value
+    return json.dumps(message)
 
 
 # ---------------------------------------------------------------- VOICE_DATA frames

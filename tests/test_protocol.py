@@ -10,10 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import protocol
+from pipeline import events, protocol
 from pipeline.audio import read_wav, wav_bytes
-from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
+from pipeline.commands import (
+    Cancel,
+    Close,
+    Initialize,
+    SendMessage,
+    SetTTSProvider,
+    TTSProvider,
+)
 from pipeline.errors import CommandError
+from pipeline.session import SessionState
 
 
 @pytest.mark.parametrize(
@@ -154,3 +162,38 @@ def test_wav_chunks_carry_exact_sizes(pcm, rate):
     assert struct.unpack_from("<I", data, 4)[0] == len(data) - 8
     assert struct.unpack_from("<I", data, 40)[0] == len(pcm)
     assert read_wav(data) == (rate, pcm)
+
+
+# ---------------------------------------------------------------- events: one renderer, read back
+
+_IDS = st.text(min_size=1, max_size=12)
+_EVENTS = st.one_of(
+    st.builds(events.Hello, st.sampled_from(list(SessionState)), st.sampled_from(protocol.PROVIDER_NAMES)),
+    st.builds(events.Ready, st.sampled_from(protocol.PROVIDER_NAMES)),
+    st.builds(events.Accepted, _IDS, st.integers(0, 1000)),
+    st.builds(events.UtteranceStarted, _IDS, st.just("piper"), _IDS, st.just(24000), st.integers(0, 2**32 - 1)),
+    st.builds(
+        events.UtteranceFinished, _IDS, st.sampled_from(list(events.Status)), st.integers(0, 99),
+        st.none() | st.integers(0, 2**32 - 1), st.integers(0, 10**6), st.none() | st.floats(0, 1e4), st.none() | st.floats(0, 10),
+    ),
+    st.builds(events.ProviderChanged, st.sampled_from(protocol.PROVIDER_NAMES)),
+    st.builds(
+        events.ErrorEvent, st.sampled_from(list(events.ErrorCode)), st.text(max_size=50),
+        st.none() | _IDS, st.none() | st.booleans(), st.none() | st.floats(0, 60),
+    ),
+    st.builds(events.Cancelled, st.lists(_IDS, max_size=3).map(tuple)),
+    st.just(events.Closed()),
+)  # fmt: skip
+
+
+@given(_EVENTS)
+def test_every_event_reads_back_as_itself(event):
+    text = protocol.render(event)
+    assert json.loads(text)["type"] == protocol.EVENT_TYPES[type(event)]
+    assert protocol.decode_event(text) == event
+
+
+def test_utterance_started_carries_each_subscribers_format_and_unknown_types_are_ignored():
+    started = events.UtteranceStarted("u1", "piper", "en_US-joe-medium", 24000, 7)
+    assert json.loads(protocol.render(started, events.AudioFormat.PCM))["format"] == "pcm"
+    assert protocol.decode_event('{"type": "word_timings", "words": []}') is None
