@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import multiprocessing
 import os
 import platform
 import resource
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -147,13 +152,22 @@ async def measure(server: str, port: int, pid: int, count: int, frames: int, sec
     )
 
 
-def run_one(server: str, count: int, frames: int, rate: float) -> RunResult:
-    """Start the server in its own process, measure it, and stop it."""
-    target = fanout_servers.run_daemon if server == "daemon" else fanout_servers.run_reference
+def run_one(server: str, count: int, frames: int, rate: float, baseline: str | None = None) -> RunResult:
+    """Start the server in its own process, measure it, and stop it. The "baseline"
+    server is the daemon of another source tree (`baseline`, see `export_tree`)."""
+    target = fanout_servers.run_reference if server == "reference" else fanout_servers.run_daemon
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     process = context.Process(target=target, args=(child, frames, rate), daemon=True)
-    process.start()
+    saved_path = list(sys.path)
+    if server == "baseline" and baseline is not None:
+        # A spawned child starts from the parent's sys.path, so it imports `bench` and
+        # `pipeline` from that tree: the old daemon with the old bench's entry point.
+        sys.path.insert(0, baseline)
+    try:
+        process.start()
+    finally:
+        sys.path[:] = saved_path
     try:
         started = time.monotonic()
         while not parent.poll(0.2):
@@ -210,30 +224,57 @@ def print_table(results: list[RunResult], rate: float, frames: int) -> None:
           f"{'met' if daemon_cap >= max(1000, reference_cap) else 'NOT met'}")
 
 
+def export_tree(ref: str) -> str:
+    """The project's files at git `ref`, in a temporary folder (removed at exit)."""
+    folder = tempfile.mkdtemp(prefix="speechcast-baseline-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    archive = subprocess.run(["git", "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return folder
+
+
+def print_before_after(results: list[RunResult], ref: str) -> None:
+    """The daemon of this tree against the daemon at `ref`, measured in the same run."""
+    print(f"\nbefore ({ref}) / after (this tree), same run:\n")
+    header = f"{'N':>5} | {'before p99':>10} {'cpu':>5} | {'after p99':>9} {'cpu':>5} | {'p99 ratio':>9} {'cpu ratio':>9}"
+    print(header)
+    print("-" * len(header))
+    by_key = {(r.server, r.subscribers): r for r in results}
+    for count in sorted({r.subscribers for r in results}):
+        before, after = by_key.get(("baseline", count)), by_key.get(("daemon", count))
+        if before is None or after is None:
+            continue
+        print(f"{count:>5} | {before.p99_ms:>8.1f}ms {before.server_cpu:>4.0f}% | {after.p99_ms:>7.1f}ms "
+              f"{after.server_cpu:>4.0f}% | {after.p99_ms / before.p99_ms:>9.2f} {after.server_cpu / before.server_cpu:>9.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fanout", description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default=",".join(map(str, COUNTS)), help="subscriber counts, comma-separated")
     parser.add_argument("--rate", type=float, default=10.0, help="chunks per second (5 = real time for 200 ms chunks)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each stream in seconds")
     parser.add_argument("--only", choices=("daemon", "reference"), help="measure one server only")
+    parser.add_argument("--baseline", metavar="GIT_REF",
+                        help="also measure the daemon as it was at this commit (before/after table)")
     args = parser.parse_args(argv or [])
+    baseline = export_tree(args.baseline) if args.baseline else None
     counts = [int(c) for c in args.counts.split(",")]
     frames = max(2, round(args.rate * args.seconds))
     raise_open_files_limit(2 * max(counts) + 256)
     results = []
     for count in counts:
-        for server in ("daemon", "reference"):
+        for server in ("baseline", "daemon", "reference") if baseline else ("daemon", "reference"):
             if args.only not in (None, server):
                 continue
-            result = run_one(server, count, frames, args.rate)
+            result = run_one(server, count, frames, args.rate, baseline)
             print(f"  {server:>9} N={count:<5} p50 {result.p50_ms:7.1f} ms  p99 {result.p99_ms:7.1f} ms  "
                   f"lost {result.lost}  slow {result.slow_closed}  cpu {result.server_cpu:.0f}%", flush=True)
             results.append(result)
     if args.only is None:
-        print_table(results, args.rate, frames)
+        print_table([r for r in results if r.server != "baseline"], args.rate, frames)
+    if baseline:
+        print_before_after(results, args.baseline)
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
