@@ -57,6 +57,11 @@ class _Piece:
     # Set once the piece has its first audio (or has ended): the next piece starts then,
     # so lookahead never delays an earlier piece's first audio.
     underway: trio.Event
+    # Set once the piece's synthesis has begun. A provider that runs pieces side by side
+    # (max_parallel > 1: Piper's worker processes, which return a piece whole) starts
+    # piece k+1 then, for k >= 1: only the utterance's first piece, which decides first
+    # audio, runs alone; later ones have the playing time of the audio before them.
+    started: trio.Event
 
 
 class Speaker:
@@ -140,11 +145,15 @@ class _Run:
             self.position += 1
         return None
 
-    def _start(self, text: str, name: TTSProvider, after: _Piece | None) -> _Piece:
+    def _start(self, text: str, name: TTSProvider, after: _Piece | None, *, after_first: bool) -> _Piece:
         send, receive = trio.open_memory_channel[bytes | ProviderError](math.inf)
-        job = _Piece(text, name, receive, trio.CancelScope(), trio.Event())
+        job = _Piece(text, name, receive, trio.CancelScope(), trio.Event(), trio.Event())
         provider = self.speaker.providers.get(name)
-        self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, after.underway if after else None)
+        wait = None
+        if after is not None:
+            side_by_side = provider.max_parallel > 1 and after.provider == name and not after_first
+            wait = after.started if side_by_side else after.underway
+        self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, wait)
         return job
 
     async def all_pieces(self, texts: _Pieces) -> str:
@@ -159,7 +168,7 @@ class _Run:
             for ahead in range(index, index + 1 + self.speaker.lookahead):
                 text = await texts.get(ahead)
                 if text is not None and ahead not in jobs:
-                    jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1))
+                    jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1), after_first=ahead == 1)
             job = jobs.pop(index)
             sent_any, failure = await self._stream(job)
             if failure is None:
@@ -252,6 +261,7 @@ async def _synthesize_piece(
             try:
                 if after is not None:
                     await after.wait()
+                job.started.set()
                 stream: AsyncIterator[bytes] = provider.synthesize(job.text, utt.voice, utt.speed)
                 async with aclosing(stream):  # type: ignore[type-var]
                     async for pcm in stream:
@@ -264,4 +274,5 @@ async def _synthesize_piece(
                 log.exception("provider.crashed", provider=provider.name.value)
                 await out.send(ProviderFailed(f"{provider.name.value} crashed: {type(e).__name__}"))
             finally:
+                job.started.set()
                 job.underway.set()
