@@ -119,7 +119,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("openai_speed", float, "OpenAI speaking speed", _between(0.25, 4.0)),
     Spec("piper_speed", float, "embedded voice speaking speed", _between(0.25, 4.0)),
     Spec("piper_workers", int, "worker processes of the embedded voice (pieces synthesized at once)", _between(1, 64)),
-    Spec("piper_worker_memory_mb", int, "address-space bound of one embedded-voice worker (MB)", _between(512, 1048576)),
+    Spec("piper_worker_memory_mb", int, "address-space bound of one embedded-voice worker (MB)", _between(256, 1048576)),
     Spec("connect_timeout", float, "seconds to connect to an HTTP provider", _positive),
     Spec("first_byte_timeout", float, "seconds to wait for the first audio byte", _positive),
     Spec("stall_timeout", float, "seconds without a byte before a stream counts as stalled", _positive),
