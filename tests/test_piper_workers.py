@@ -27,14 +27,22 @@ from pipeline.providers import piper_worker
 from pipeline.providers.piper import PiperProvider, _lost_worker
 from pipeline.speaking import Speaker, Utterance
 from tests.serve_process import serve_process
-from tests.support import Heard, ScriptedProvider, finished, provider_set, receive_until, send, tone
+from tests.support import (
+    Heard,
+    ScriptedProvider,
+    finished,
+    provider_set,
+    receive_until,
+    send,
+    tone,
+)
 
 CRASHING = "a." * 100  # segfaults Piper's phonemizer (espeak-ng) in a fresh process
 FINE = "This sentence is spoken after the trouble."
 CJK = "中文字测试" * 52  # 260 characters without whitespace: pieces of 250 and 10
 
 
-async def speak_and_wait(ws, heard: Heard, text: str, utterance_id: str | None = None) -> dict:
+async def speak_and_wait(ws, heard: Heard, text: str) -> dict:
     await send(ws, type="send_message", text=text)
     accepted = await receive_until(ws, heard, lambda e: e["type"] == "accepted")
     return await receive_until(ws, heard, finished(accepted["utterance_id"]))
@@ -90,20 +98,21 @@ async def test_cancel_kills_the_synthesis_and_the_next_utterance_does_not_wait_f
     piper = PiperProvider(workers=2)
     try:
         with trio.fail_after(60):
-            async with running_daemon(settings, provider_set(settings, piper)) as daemon:
-                async with open_websocket_url(f"ws://127.0.0.1:{daemon.port}/") as ws:
-                    heard = Heard()
-                    await speak_and_wait(ws, heard, "Warm up the voice first.")  # workers loaded
-                    before = {p.pid for p in multiprocessing.active_children()}
-                    await send(ws, type="send_message", text=CJK)
-                    accepted = await receive_until(ws, heard, lambda e: e["type"] == "accepted")
-                    while piper._context.statistics().running_workers == 0:
-                        await trio.sleep(0.01)  # poll: synthesis is in a separate process
-                    await send(ws, type="cancel")
-                    cancelled = await receive_until(ws, heard, finished(accepted["utterance_id"]))
-                    with trio.fail_after(8):  # a fraction of the ~10 s the killed piece needed
-                        spoken = await speak_and_wait(ws, heard, FINE)
-                    after = {p.pid for p in multiprocessing.active_children()}
+            async with running_daemon(settings, provider_set(settings, piper)) as daemon, open_websocket_url(
+                f"ws://127.0.0.1:{daemon.port}/"
+            ) as ws:
+                heard = Heard()
+                await speak_and_wait(ws, heard, "Warm up the voice first.")  # workers loaded
+                before = {p.pid for p in multiprocessing.active_children()}
+                await send(ws, type="send_message", text=CJK)
+                accepted = await receive_until(ws, heard, lambda e: e["type"] == "accepted")
+                while piper._context.statistics().running_workers == 0:
+                    await trio.sleep(0.01)  # poll: synthesis is in a separate process
+                await send(ws, type="cancel")
+                cancelled = await receive_until(ws, heard, finished(accepted["utterance_id"]))
+                with trio.fail_after(8):  # a fraction of the ~10 s the killed piece needed
+                    spoken = await speak_and_wait(ws, heard, FINE)
+                after = {p.pid for p in multiprocessing.active_children()}
     finally:
         with trio.CancelScope(shield=True):
             await piper.aclose()

@@ -33,7 +33,12 @@ from pipeline.commands import TTSProvider
 from pipeline.errors import ProviderFailed, ProviderUnavailable, UnspeakableText
 from pipeline.providers import piper_worker
 from pipeline.providers.base import Provider
-from pipeline.providers.piper_worker import GAIN, SAMPLE_RATE, SILENCE_LEVEL, trim_silence
+from pipeline.providers.piper_worker import (
+    GAIN,
+    SAMPLE_RATE,
+    SILENCE_LEVEL,
+    trim_silence,
+)
 
 __all__ = ["GAIN", "SAMPLE_RATE", "SILENCE_LEVEL", "PiperProvider", "trim_silence"]
 
@@ -141,6 +146,10 @@ class PiperProvider(Provider):
                 f"the embedded voice {VOICE_NAME} could not be loaded ({_exit_reason(cause)}); "
                 "reinstall speechcast with its dependencies (pip install -e .)"
             ) from None
+        except* OSError as group:  # no process could be started (limits, memory)
+            raise ProviderUnavailable(
+                f"the embedded voice could not start its worker processes ({group.exceptions[0]})"
+            ) from None
 
     def _refill(self, context: Any) -> None:
         """Replace lost workers in the background, so the next utterance finds one loaded."""
@@ -155,7 +164,7 @@ class PiperProvider(Provider):
                 while seen != self._losses and context is self._context:
                     seen = self._losses  # a worker lost during the refill needs another round
                     await self._warm(context)
-            except (Exception, trio.Cancelled) as e:  # a system task must not raise
+            except Exception as e:  # noqa: BLE001 - a system task must not raise; Cancelled may
                 log.info("provider.refill_stopped", provider=self.name.value, error=repr(e))
             finally:
                 self._refilling = False
