@@ -37,7 +37,10 @@ from tests.support import (
     tone,
 )
 
-CRASHING = "a." * 100  # segfaults Piper's phonemizer (espeak-ng) in a fresh process
+# "a." * 100 segfaults Piper's phonemizer (espeak-ng) in about 7 fresh processes out of 8
+# (it reads out of bounds; whether that faults depends on the memory layout). This text is
+# four such pieces of 250 characters, so at least one crashes all but ~1/4000 of the time.
+CRASHING = "a." * 500
 FINE = "This sentence is spoken after the trouble."
 CJK = "中文字测试" * 52  # 260 characters without whitespace: pieces of 250 and 10
 
@@ -65,9 +68,10 @@ async def test_a_text_that_crashes_the_embedded_voice_costs_a_worker_not_the_dae
             assert daemon.process.returncode is None  # still serving
             daemon.signal(signal.SIGTERM)
             assert await daemon.exit_code() == 0
-    assert crashed["status"] == "failed"
-    [error] = errors_of(heard, crashed)
-    assert error["code"] == "provider_failed" and "crashed on this text" in error["message"]
+    assert crashed["status"] in ("failed", "partial")  # failed when the first piece crashed
+    errors = errors_of(heard, crashed)
+    assert errors and all(e["code"] == "provider_failed" for e in errors)
+    assert any("crashed on this text" in e["message"] for e in errors)
     assert spoken["status"] == "ok" and spoken["chunks"] > 0
 
 
