@@ -16,11 +16,15 @@ from dataclasses import dataclass
 import structlog
 import trio
 import wsproto
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+)
 from wsproto.connection import ConnectionState
 
 from actors.subscriber_stream import SubscriberListener, SubscriberStream
-
 from pipeline import access, protocol
 from pipeline.access import Grant, HandshakeError, TokenBucket
 from pipeline.config import Settings

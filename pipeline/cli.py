@@ -134,12 +134,7 @@ def _serve_or_print(args: argparse.Namespace) -> int:
         log.error("daemon.failed", error=str(error))
         print(f"speechcast: cannot serve: {error}", file=sys.stderr)
         return EXIT_FAILED
-    # A synthesis cancelled at the end of the grace (or by a second signal) leaves its
-    # worker thread inside ONNX runtime; normal interpreter exit would then abort the
-    # process (SIGABRT). Nothing is left to clean up, so leave without finalization.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    return 0
 
 
 def _first_os_error(error: BaseException) -> OSError | None:

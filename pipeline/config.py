@@ -118,6 +118,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("openai_model", str, "OpenAI speech model"),
     Spec("openai_speed", float, "OpenAI speaking speed", _between(0.25, 4.0)),
     Spec("piper_speed", float, "embedded voice speaking speed", _between(0.25, 4.0)),
+    Spec("piper_workers", int, "worker processes of the embedded voice (pieces synthesized at once)", _between(1, 64)),
+    Spec("piper_worker_memory_mb", int, "address-space bound of one embedded-voice worker (MB)", _between(256, 1048576)),
     Spec("connect_timeout", float, "seconds to connect to an HTTP provider", _positive),
     Spec("first_byte_timeout", float, "seconds to wait for the first audio byte", _positive),
     Spec("stall_timeout", float, "seconds without a byte before a stream counts as stalled", _positive),
@@ -171,6 +173,8 @@ class Settings:
     openai_model: str = "gpt-4o-mini-tts"
     openai_speed: float = 1.0
     piper_speed: float = 1.0
+    piper_workers: int = 2
+    piper_worker_memory_mb: int = 2048
     connect_timeout: float = 3.0
     first_byte_timeout: float = 15.0
     stall_timeout: float = 5.0

@@ -58,6 +58,11 @@ class _Piece:
     # Set once the piece has its first audio (or has ended): the next piece starts then,
     # so lookahead never delays an earlier piece's first audio.
     underway: trio.Event
+    # Set once the piece's synthesis has begun. A provider that runs pieces side by side
+    # (max_parallel > 1: Piper's worker processes, which return a piece whole) starts
+    # piece k+1 then, for k >= 1: only the utterance's first piece, which decides first
+    # audio, runs alone; later ones have the playing time of the audio before them.
+    started: trio.Event
 
 
 class Speaker:
@@ -143,13 +148,21 @@ class _Run:
             self.position += 1
         return None
 
-    def _start(self, text: str, name: TTSProvider, after: _Piece | None) -> _Piece:
+    def _start(self, text: str, name: TTSProvider, after: _Piece | None, *, after_first: bool) -> _Piece:
         send, receive = trio.open_memory_channel[bytes | ProviderError](math.inf)
-        job = _Piece(text, name, receive, trio.CancelScope(), trio.Event())
+        job = _Piece(text, name, receive, trio.CancelScope(), trio.Event(), trio.Event())
         provider = self.speaker.providers.get(name)
-        self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, send, after.underway if after else None,
-                                self.speaker.bounds)
+        wait = None
+        if after is not None:
+            side_by_side = provider.max_parallel > 1 and after.provider == name and not after_first
+            wait = after.started if side_by_side else after.underway
+        self.nursery.start_soon(_synthesize_piece, provider, job, self.utt, self._voice_of(name), send, wait, self.speaker.bounds)
         return job
+
+    def _voice_of(self, name: TTSProvider) -> str | None:
+        """The voice asked of provider `name` (None: its default). A voice is a name in the
+        chosen provider's catalogue: a fallback speaks with its own default."""
+        return self.utt.voice if name == self.chain[0] else None
 
     async def all_pieces(self, texts: _Pieces) -> Status:
         jobs: dict[int, _Piece] = {}
@@ -163,7 +176,7 @@ class _Run:
             for ahead in range(index, index + 1 + self.speaker.lookahead):
                 text = await texts.get(ahead)
                 if text is not None and ahead not in jobs:
-                    jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1))
+                    jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1), after_first=ahead == 1)
             job = jobs.pop(index)
             sent_any, failure = await self._stream(job)
             if failure is None:
@@ -223,7 +236,7 @@ class _Run:
             self.began = True
             provider = self.speaker.providers.get(name)
             await self.emit(
-                UtteranceBegin(self.utt.id, name, self.utt.voice or provider.default_voice, self.utt.owner, self.utt.received_at)
+                UtteranceBegin(self.utt.id, name, self._voice_of(name) or provider.default_voice, self.utt.owner, self.utt.received_at)
             )
         await self.emit(Audio(self.utt.id, pcm))
 
@@ -247,12 +260,14 @@ async def _synthesize_piece(
     provider: Provider,
     job: _Piece,
     utt: Utterance,
+    voice: str | None,
     out: trio.MemorySendChannel[bytes | ProviderError],
     after: trio.Event | None,
     bounds: PieceBounds = PieceBounds(),
 ) -> None:
-    """Run one provider on one piece, passing audio (or the failure) into `out`; start
-    only once the previous piece is under way (`after`).
+    """Run one provider on one piece in `voice` (None: its default), passing audio (or
+    the failure) into `out`; start only once `after` is set (the previous piece is under
+    way, or, side by side, started).
 
     Error handling: whatever the provider, the piece ends with `ProviderTimeout` past its
     deadline and is cut off with `ProviderFailed` past its audio cap (`bounds`); the audio
@@ -263,10 +278,11 @@ async def _synthesize_piece(
             try:
                 if after is not None:
                     await after.wait()
+                job.started.set()
                 speed = _speed(provider, utt)
                 room = bounds.audio_bytes(job.text, speed, provider.sample_rate)
                 with trio.move_on_after(bounds.deadline(job.text, speed)) as timer:
-                    stream: AsyncIterator[bytes] = provider.synthesize(job.text, utt.voice, utt.speed)
+                    stream: AsyncIterator[bytes] = provider.synthesize(job.text, voice, utt.speed)
                     async with aclosing(stream):  # type: ignore[type-var]
                         async for pcm in stream:
                             if len(pcm) > room:
@@ -285,6 +301,7 @@ async def _synthesize_piece(
                 log.exception("provider.crashed", provider=provider.name.value)
                 await out.send(ProviderFailed(f"{provider.name.value} crashed: {type(e).__name__}"))
             finally:
+                job.started.set()
                 job.underway.set()
 
 

@@ -22,14 +22,23 @@ Own rules on top of the sentences:
   before the earliest preposition ("with", "in", "for", ...), else after the word nearest to
   the 6th (4 to 8) that is not an article, preposition or abbreviation. At least 3 words
   must remain after the cut.
-Lengths are counted without the surrounding whitespace; every cut lands where whitespace is
-followed by a word, so no number, price, URL or e-mail address is ever cut inside.
+- An unbreakable run (text without whitespace longer than `max_chars`: CJK text, a 4000-
+  character "word") is cut inside, so no piece is ever longer than `max_chars`: after the
+  last CJK or other sentence/clause punctuation (。、！？，；：.,;:!?) that fits, else at the
+  last character boundary that fits, never inside a grapheme cluster (not before a
+  combining mark, a variation selector, an emoji modifier or after a zero-width joiner).
+  Voices take time and memory that grow faster than the length of a piece, so this bound
+  is what keeps one piece cheap whatever the text.
+Lengths are counted without the surrounding whitespace; every other cut lands where
+whitespace is followed by a word, so no number, price, URL or e-mail address within
+`max_chars` is ever cut inside.
 """
 
 from __future__ import annotations
 
 import bisect
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
@@ -48,6 +57,11 @@ _WORD = re.compile(r"\S+")
 _WORD_START = re.compile(r"(?<=\s)\S")
 _CLAUSE_END = re.compile(r"(?:[,;:!?\u2013\u2014\u2026]|\.\.\.|^-{1,2})[\"'\u2019\u201d)\]]*$")
 _EDGE_PUNCT = "\"'()[]{}.,;:!?\u2018\u2019\u201c\u201d\u2026"
+# Where an unbreakable run is best cut: after a sentence mark, else after a clause mark
+# (CJK full-width or ASCII), as late as fits.
+_RUN_SENTENCE_ENDS = frozenset("\u3002\uff01\uff1f\uff0e.!?\u2026")
+_RUN_CLAUSE_ENDS = frozenset("\u3001\uff0c\uff1b\uff1a,;:")
+_ZWJ = "\u200d"
 
 _CONJUNCTIONS = frozenset({
     "and", "but", "or", "nor", "so", "yet", "because", "which", "that", "who", "whom", "whose",
@@ -103,7 +117,7 @@ def _pieces(text: str, short_first: bool, max_chars: int) -> Iterator[str]:
                 yield text[start:cut]
                 start = cut
         for piece_start, piece_end in _split_long(text, start, sentence.end, max_chars):
-            yield text[piece_start:piece_end]
+            yield from _bound_runs(text[piece_start:piece_end], max_chars)
 
 
 def _sentence_spans(text: str, window: int) -> Iterator[tuple[int, int]]:
@@ -249,6 +263,55 @@ def _first_cut(text: str, sentence: _Sentence, max_chars: int) -> int | None:
     if not chosen:
         return None
     return starts[min(chosen, key=lambda k: (abs(k - FIRST_TARGET_WORDS), k))]
+
+
+def _bound_runs(piece: str, max_chars: int) -> Iterator[str]:
+    """`piece` unchanged, or cut inside its unbreakable runs until every part fits."""
+    rest = piece
+    while len(rest.strip()) > max_chars:
+        lead = len(rest) - len(rest.lstrip())
+        cut = _run_cut(rest, lead, lead + max_chars)
+        yield rest[:cut]
+        rest = rest[cut:]
+    if rest:
+        yield rest
+
+
+def _run_cut(text: str, start: int, limit: int) -> int:
+    """The best cut in `text` after `start` and at most at `limit`: a word start, else just
+    after a sentence mark, then a clause mark, in the second half of the room, else the
+    last grapheme boundary (always > start)."""
+    word = None  # the last word start that leaves the part short enough (whitespace is free)
+    for match in _WORD_START.finditer(text, start + 1):
+        if len(text[start : match.start()].rstrip()) > limit - start:
+            break
+        word = match.start()
+    if word is not None:
+        return word
+    for marks in (_RUN_SENTENCE_ENDS, _RUN_CLAUSE_ENDS):
+        for cut in range(limit, start + (limit - start) // 2, -1):
+            if text[cut - 1] in marks and _grapheme_boundary(text, cut):
+                return cut
+    for cut in range(limit, start, -1):
+        if _grapheme_boundary(text, cut):
+            return cut
+    return limit  # a cluster longer than the limit (hundreds of combining marks)
+
+
+def _grapheme_boundary(text: str, at: int) -> bool:
+    """False where cutting before `text[at]` would split a user-perceived character."""
+    if at >= len(text):
+        return True
+    following, previous = text[at], text[at - 1]
+    return not (
+        unicodedata.combining(following)
+        or unicodedata.category(following) in ("Mn", "Me", "Mc")
+        or following == _ZWJ
+        or previous == _ZWJ
+        or "\ufe00" <= following <= "\ufe0f"
+        or "\U0001f3fb" <= following <= "\U0001f3ff"
+        or "\U000e0020" <= following <= "\U000e007f"  # emoji tag sequences
+    )
 
 
 def _split_long(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int, int]]:

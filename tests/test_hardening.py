@@ -18,14 +18,23 @@ import trio.testing
 from trio_websocket import open_websocket_url
 
 from actors.router import Router
-from pipeline.commands import Cancel, Initialize, SendMessage
+from pipeline.commands import Cancel, Initialize, TTSProvider
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
 from pipeline.errors import ProviderFailed, UnspeakableText
 from pipeline.events import Cancelled, ErrorCode
 from pipeline.flow import Envelope, Reply
 from tests.serve_process import serve_process
-from tests.support import Heard, ScriptedProvider, finished, of_type, provider_set, receive_until, send, tone
+from tests.support import (
+    Heard,
+    ScriptedProvider,
+    finished,
+    of_type,
+    provider_set,
+    receive_until,
+    send,
+    tone,
+)
 
 BASE = Settings(port=0, http_port=0, fallback=())
 
@@ -150,3 +159,41 @@ async def test_sighup_and_sigusr1_mid_utterance_change_nothing():
     assert exit_code == 0
     ignored = [(e["signal"], e["action"]) for e in daemon.logged("daemon.signal")]
     assert ignored[:2] == [("SIGHUP", "ignored"), ("SIGUSR1", "ignored")]
+
+
+class VoiceRecorder(ScriptedProvider):
+    """A scripted provider that knows its voices and remembers the voice of each piece."""
+
+    known_voices = frozenset({"scripted", "other"})
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.voices: list[str | None] = []
+
+    async def synthesize(self, text, voice, speed):
+        self.voices.append(voice)
+        async for pcm in super().synthesize(text, voice, speed):
+            yield pcm
+
+
+async def test_a_voice_is_checked_against_the_provider_and_a_fallback_speaks_with_its_own():
+    piper = VoiceRecorder(TTSProvider.PIPER)
+    kokoros = ScriptedProvider(TTSProvider.KOKOROS, script=lambda text: [ProviderFailed("the server is down")])
+    settings = dataclasses.replace(BASE, fallback=("piper",))
+    heard = Heard()
+    with trio.fail_after(20):
+        async with running_daemon(settings, provider_set(settings, piper, kokoros)) as daemon:
+            async with open_websocket_url(f"ws://127.0.0.1:{daemon.port}/") as ws:
+                await until_open(ws, heard)
+                await send(ws, type="send_message", text="Not a voice of this one.", voice="af_heart")
+                refused = await receive_until(ws, heard, of_type("error"))
+                await send(ws, type="send_message", text="Spoken in the other voice.", voice="other")
+                await receive_until(ws, heard, finished())
+                await send(ws, type="send_message", text="Kokoros fails, piper speaks.", voice="af_heart", provider="kokoros")
+                await receive_until(ws, heard, finished())
+    assert refused["code"] == "invalid_command" and "piper has no voice 'af_heart'" in refused["message"]
+    first, second = heard.of_type("utterance_started")
+    assert (first["provider"], first["voice"]) == ("piper", "other")
+    # The client's voice was a Kokoros voice: the fallback speaks with its own default.
+    assert (second["provider"], second["voice"]) == ("piper", "scripted")
+    assert piper.voices == ["other", None]

@@ -7,6 +7,8 @@ the hypothesis properties hold for any text and any `max_chars`.
 from __future__ import annotations
 
 import itertools
+import re
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -88,9 +90,10 @@ def test_ellipsis_fragments_are_merged_not_spoken_alone() -> None:
 
 
 def test_a_long_sentence_is_never_cut_inside_an_url_or_a_number() -> None:
+    # The 70-character URL fits in a piece (a run longer than max_chars would be cut).
     url = "https://example.com/some/long/path/file.tar.gz?version=3.14&mirror=eu"
     text = f"Download it from {url} and check that it costs $1,299.99 before you pay. " * 4
-    pieces = split_pieces(text, max_chars=60)
+    pieces = split_pieces(text, max_chars=80)
     assert "".join(pieces) == text
     assert all(url in p or "example.com" not in p for p in pieces)
     assert all("$1,299.99" in p or "1,299" not in p for p in pieces)
@@ -208,14 +211,41 @@ def test_long_sentence_without_clauses_is_cut_between_words_not_after_articles()
     assert all(p.split()[-1] not in {"the", "to"} for p in pieces[:-1])
 
 
-def test_a_word_longer_than_max_chars_is_a_piece_of_its_own() -> None:
+def test_a_word_longer_than_max_chars_is_cut_inside_into_pieces_that_fit() -> None:
     word = "x" * 40
     text = f"Here comes {word} and more."
     assert split_pieces(text, short_first=False, max_chars=20) == [
         "Here comes ",
-        f"{word} ",
+        "x" * 20,
+        "x" * 20 + " ",
         "and more.",
     ]
+
+
+def test_cjk_text_without_spaces_is_cut_after_a_sentence_mark_within_max_chars() -> None:
+    text = "今天天气很好，我们去公园散步。" * 30  # 450 characters, no whitespace
+    pieces = split_pieces(text)
+    assert "".join(pieces) == text
+    assert all(len(p) <= 250 for p in pieces)
+    assert all(p.endswith("。") for p in pieces)
+
+
+def test_a_4000_character_word_becomes_pieces_of_at_most_max_chars() -> None:
+    text = "a" * 4000
+    pieces = split_pieces(text)
+    assert "".join(pieces) == text and len(pieces) == 16
+    assert all(len(p) <= 250 for p in pieces)
+
+
+def test_a_run_is_not_cut_inside_a_grapheme_cluster() -> None:
+    accented = "e\u0301" * 200  # 400 code points, 200 user-perceived characters
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467" * 60  # emoji joined by ZWJ
+    for text in (accented, family):
+        pieces = split_pieces(text, max_chars=99)
+        assert "".join(pieces) == text
+        for piece in pieces:
+            assert len(piece) <= 99
+            assert not unicodedata.combining(piece[0]) and piece[0] != "\u200d" and piece[-1] != "\u200d"
 
 
 def test_long_text_across_windows_gives_whole_sentences() -> None:
@@ -289,11 +319,9 @@ def test_no_piece_is_blank(text: str, max_chars: int, short_first: bool) -> None
 
 @settings(max_examples=300, deadline=None)
 @given(text=_any_text, max_chars=_max_chars, short_first=st.booleans())
-def test_no_piece_is_longer_than_max_chars_unless_one_word(
-    text: str, max_chars: int, short_first: bool
-) -> None:
+def test_no_piece_is_longer_than_max_chars(text: str, max_chars: int, short_first: bool) -> None:
     for piece in split_pieces(text, short_first=short_first, max_chars=max_chars):
-        assert len(piece.strip()) <= max_chars or len(piece.split()) == 1
+        assert len(piece.strip()) <= max_chars
 
 
 @settings(max_examples=200, deadline=None)
@@ -308,9 +336,29 @@ def test_pieces_are_deterministic_and_lazy_iteration_agrees(
 
 @settings(max_examples=200, deadline=None)
 @given(text=_any_text, max_chars=_max_chars, short_first=st.booleans())
-def test_every_cut_falls_between_whitespace_and_a_word(
+def test_every_cut_falls_between_whitespace_and_a_word_or_inside_a_run_too_long(
     text: str, max_chars: int, short_first: bool
 ) -> None:
     pieces = split_pieces(text, short_first=short_first, max_chars=max_chars)
+    offset = 0
     for before, after in itertools.pairwise(pieces):
-        assert before[-1].isspace() and not after[0].isspace()
+        offset += len(before)
+        if before[-1].isspace():
+            assert not after[0].isspace()
+        else:  # inside a run: only when the whole run does not fit in one piece
+            assert not after[0].isspace()
+            run = re.search(r"\S*$", text[:offset]).group() + re.match(r"\S*", text[offset:]).group()
+            assert len(run) > max_chars
+
+
+_cjk = st.lists(
+    st.sampled_from(list("今天天气很好我们去公园散步。，！？、") + ["e\u0301", "\u200d"]), min_size=1, max_size=1200
+).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=_cjk, max_chars=st.integers(min_value=1, max_value=300), short_first=st.booleans())
+def test_unbroken_text_gives_back_the_text_in_pieces_that_fit(text: str, max_chars: int, short_first: bool) -> None:
+    pieces = split_pieces(text, short_first=short_first, max_chars=max_chars)
+    assert "".join(pieces) == text
+    assert all(0 < len(p) <= max_chars for p in pieces)

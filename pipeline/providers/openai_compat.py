@@ -60,7 +60,12 @@ from pipeline.errors import (
     ProviderUnavailable,
 )
 from pipeline.providers.base import Provider
-from pipeline.providers.speech_body import SAMPLE_RATE, NotAudioBody, SpeechBodyDecoder, permanent_failure
+from pipeline.providers.speech_body import (
+    SAMPLE_RATE,
+    NotAudioBody,
+    SpeechBodyDecoder,
+    permanent_failure,
+)
 
 SPEECH_PATH: Final = "/v1/audio/speech"
 BACKOFF_BASE: Final = 0.25  # first retry after 0.25–0.5 s, then 0.5–1 s, …

@@ -119,7 +119,9 @@ def default_providers(settings: Settings) -> ProviderSet:
 
     return ProviderSet(
         {
-            TTSProvider.PIPER: PiperProvider(settings.piper_speed),
+            TTSProvider.PIPER: PiperProvider(
+                settings.piper_speed, workers=settings.piper_workers, memory_mb=settings.piper_worker_memory_mb
+            ),
             TTSProvider.KOKOROS: kokoros_provider(settings),
             TTSProvider.OPENAI: openai_provider(settings),
         },
