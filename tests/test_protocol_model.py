@@ -176,6 +176,10 @@ class Harness:
             self.nursery = nursery
             self.daemon: RunningDaemon = await nursery.start(serve, SETTINGS, provider_set(SETTINGS, *self.voices.values()))
             self.token = trio.lowlevel.current_trio_token()
+            # No kept-alive connections: hypercorn's keep-alive timer would make the clock jump.
+            no_keep_alive = httpx.Limits(max_keepalive_connections=0)
+            base = f"http://127.0.0.1:{self.daemon.http_port}"
+            self.http = await nursery.start(_http_client, base, no_keep_alive)
             self._ready.set()
             await self._stop.wait()
             nursery.cancel_scope.cancel()
@@ -254,11 +258,18 @@ class Harness:
         """What a newcomer learns: hello (fresh connection), /v1/info, /readyz's status."""
         async with open_websocket_url(f"ws://127.0.0.1:{self.daemon.port}/?subscribe=0") as ws:
             hello = json.loads(await ws.get_message())
-        # A fresh HTTP client each time: no kept-alive connection whose timer could jump.
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.daemon.http_port}") as http:
-            info = (await http.get("/v1/info")).json()
-            ready = await http.get("/readyz")
+        info = (await self.http.get("/v1/info")).json()
+        ready = await self.http.get("/readyz")
         return hello, info, ready.status_code
+
+
+async def _http_client(
+    base_url: str, limits: httpx.Limits, *, task_status: trio.TaskStatus[httpx.AsyncClient] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """An HTTP client for the daemon's faces, open until the harness stops."""
+    async with httpx.AsyncClient(base_url=base_url, limits=limits) as http:
+        task_status.started(http)
+        await trio.sleep_forever()
 
 
 # ---------------------------------------------------------------- the reference model
