@@ -9,89 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections import deque
-from dataclasses import dataclass
 
 import structlog
 import trio
 
-from pipeline.commands import (
-    Cancel,
-    Close,
-    Initialize,
-    SendMessage,
-    SetTTSProvider,
-    TTSProvider,
-)
+from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import ProviderError
-from pipeline.events import (
-    Accepted,
-    Cancelled,
-    Closed,
-    ErrorCode,
-    ErrorEvent,
-    ProviderChanged,
-    Ready,
-    ServerEvent,
-    Status,
-)
-from pipeline.flow import (
-    Broadcast,
-    Envelope,
-    Reply,
-    SessionStatus,
-    Shutdown,
-    Speech,
-    UtteranceEnd,
-)
+from pipeline.events import Accepted, Cancelled, Closed, ErrorCode, ErrorEvent, ProviderChanged, Ready, ServerEvent, Status
+from pipeline.flow import Broadcast, Envelope, Reply, SessionStatus, Shutdown, Speech, UtteranceEnd
 from pipeline.metrics import Metrics
 from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.registry import ProviderSet
 from pipeline.session import ACCEPTING, SessionInput, SessionState, transition
 from pipeline.speaking import Speaker, Utterance
+from pipeline.utterance_queue import CloseMark, UtteranceQueue
 
 log = structlog.get_logger()
-
-
-@dataclass(frozen=True)
-class _CloseMark:
-    """Queued by Close: when the speaker reaches it, everything before it has been spoken."""
-
-    asker: Envelope
-
-
-class UtteranceQueue:
-    """The FIFO of accepted utterances (and close and shutdown marks) waiting for the speaker."""
-
-    def __init__(self) -> None:
-        self._items: deque[Utterance | _CloseMark | Shutdown] = deque()
-        self._arrived = trio.Event()
-
-    def __len__(self) -> int:
-        return sum(isinstance(i, Utterance) for i in self._items)
-
-    def put(self, item: Utterance | _CloseMark | Shutdown) -> None:
-        self._items.append(item)
-        self._arrived.set()
-
-    async def get(self) -> Utterance | _CloseMark | Shutdown:
-        while not self._items:
-            self._arrived = trio.Event()
-            await self._arrived.wait()
-        return self._items.popleft()
-
-    def drop_utterances(self) -> list[Utterance]:
-        """Remove every waiting utterance (marks stay) and return them."""
-        dropped = [i for i in self._items if isinstance(i, Utterance)]
-        self._items = deque(i for i in self._items if not isinstance(i, Utterance))
-        return dropped
-
-    def drop_close_marks(self) -> list[_CloseMark]:
-        """Remove every waiting close mark (an Initialize cancelled them) and return them."""
-        dropped = [i for i in self._items if isinstance(i, _CloseMark)]
-        self._items = deque(i for i in self._items if not isinstance(i, _CloseMark))
-        return dropped
 
 
 class Router:
@@ -176,7 +110,7 @@ class Router:
                     await self._reject(asker, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down")
                     return
                 await self._move(SessionInput.CLOSE)
-                self.queue.put(_CloseMark(asker))
+                self.queue.put(CloseMark(asker))
             case Cancel(all=everything):
                 await self._cancel(asker, everything)
 
@@ -326,7 +260,7 @@ class Router:
                 item.spoken.set()
                 await self.speech.send(item)
                 return
-            if isinstance(item, _CloseMark):
+            if isinstance(item, CloseMark):
                 await self._move(SessionInput.DRAINED)
                 await self.providers.aclose()
                 log.info("session.closed")
