@@ -16,7 +16,7 @@ import trio.testing
 from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
-from actors.intake import keep_alive
+from actors.websocket import keep_alive
 from pipeline.access import ConnectionSlots, Grant, HandshakeError, TokenBucket, admit, grant_for
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
