@@ -30,7 +30,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.broadcaster import StatusView
-from pipeline import __version__, access, protocol
+from pipeline import __version__, access, client_input, protocol
 from pipeline.commands import Command, TTSProvider
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
@@ -246,7 +246,7 @@ class HttpFace:
                 return _refuse(413, "text_too_long", f"the body is over {self.settings.max_message_size} bytes")
         received_at = trio.current_time()
         try:
-            command = protocol.parse_speak_body(bytes(body))
+            command = client_input.parse_speak_body(bytes(body))
         except SpeechError as e:
             return _refuse(400, e.code, e.message)
         reply = await self._submit(command, received_at)

@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from actors.subscriber_stream import SubscriberListener, SubscriberStream
 from actors.websocket import StrictConnection, keep_alive
-from pipeline import access, protocol
+from pipeline import access, client_input
 from pipeline.access import Grant, HandshakeError, TokenBucket
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
@@ -252,7 +252,7 @@ class Intake:
             await self._reply_error(peer.conn_id, ErrorCode.BINARY_NOT_ACCEPTED, "binary frames are not accepted; send JSON text")
             return
         try:
-            command = protocol.parse_client_message(message)
+            command = client_input.parse_client_message(message)
         except SpeechError as e:
             await self._reply_error(peer.conn_id, e.code, e.message)
             return

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris, libFuzzer) of the parsers a client reaches first:
-`protocol.parse_client_message` (WebSocket text), intake's `parse_options` (the
-handshake path and query) and `protocol.parse_speak_body` (the `/v1/speak` body).
+`client_input.parse_client_message` (WebSocket text), intake's `parse_options` (the
+handshake path and query) and `client_input.parse_speak_body` (the `/v1/speak` body).
 
 The property: each returns a value or raises its documented error (CommandError,
 HandshakeError), never anything else. Run by `make fuzz`, or by hand:
@@ -17,7 +17,7 @@ import sys
 import atheris
 
 from actors.intake import parse_options
-from pipeline import protocol
+from pipeline import client_input, protocol
 from pipeline.access import HandshakeError
 from pipeline.errors import CommandError
 
@@ -36,7 +36,7 @@ def test_one_input(data: bytes) -> None:
         # ConsumeUnicode may produce lone surrogates: the parser must cope with any str.
         raw = fdp.ConsumeUnicode(fdp.remaining_bytes())
         try:
-            protocol.parse_client_message(raw)
+            client_input.parse_client_message(raw)
         except CommandError:
             pass
     elif target == 1:
@@ -47,7 +47,7 @@ def test_one_input(data: bytes) -> None:
             pass
     else:
         try:
-            protocol.parse_speak_body(fdp.ConsumeBytes(fdp.remaining_bytes()))
+            client_input.parse_speak_body(fdp.ConsumeBytes(fdp.remaining_bytes()))
         except CommandError:
             pass
 

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 
-from pipeline import protocol
+from pipeline import client_input, protocol
 from pipeline.config import Settings
 from pipeline.daemon import RunningDaemon, running_daemon
 from pipeline.errors import CommandError
@@ -156,7 +156,7 @@ async def answers_until_sentinel(ws: WebSocketConnection) -> list[dict[str, Any]
 def expected_code(message: str) -> str | None:
     """The error code the protocol gives this message, None when it is a command."""
     try:
-        protocol.parse_client_message(message)
+        client_input.parse_client_message(message)
     except CommandError as e:
         return e.code
     return None

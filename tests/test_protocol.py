@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import events, protocol
+from pipeline import client_input, events, protocol
 from pipeline.audio import read_wav, wav_bytes
 from pipeline.commands import (
     Cancel,
@@ -41,7 +41,7 @@ from pipeline.session import SessionState
     ],
 )
 def test_valid_messages_become_commands(raw, command):
-    assert protocol.parse_client_message(raw) == command
+    assert client_input.parse_client_message(raw) == command
 
 
 @pytest.mark.parametrize(
@@ -80,7 +80,7 @@ def test_valid_messages_become_commands(raw, command):
 )
 def test_invalid_messages_get_their_code(raw, code):
     with pytest.raises(CommandError) as error:
-        protocol.parse_client_message(raw)
+        client_input.parse_client_message(raw)
     assert error.value.code == code
 
 
@@ -88,16 +88,16 @@ def test_invalid_messages_get_their_code(raw, code):
     "voice", ["af_heart", "af_bella+af_sky", "af_bella(2)+af_sky(1)", "alloy", "en_US-joe-medium", "a" * 64, "v1.2:x"]
 )
 def test_voice_names_real_servers_use_are_accepted(voice):
-    assert protocol.parse_client_message(json.dumps({"type": "tts", "text": "Hi", "voice": voice})).voice == voice
+    assert client_input.parse_client_message(json.dumps({"type": "tts", "text": "Hi", "voice": voice})).voice == voice
 
 
 def test_an_empty_voice_means_the_default():
-    assert protocol.parse_client_message('{"type":"tts","text":"Hi","voice":""}').voice is None
+    assert client_input.parse_client_message('{"type":"tts","text":"Hi","voice":""}').voice is None
 
 
 @pytest.mark.parametrize("text", ["\u65e5\u672c\u8a9e", "tab\tand\r\nlines", "7", "\u0661\u0662", "\u200bword\u200b"])
 def test_speakable_texts_in_any_script_pass(text):
-    assert protocol.speakable_text(text) == text
+    assert client_input.speakable_text(text) == text
 
 
 @pytest.mark.parametrize(
@@ -112,23 +112,23 @@ def test_speakable_texts_in_any_script_pass(text):
 )
 def test_speak_bodies_follow_the_send_message_rules(body, code):
     if code is None:
-        assert protocol.parse_speak_body(body) == SendMessage("hi")
+        assert client_input.parse_speak_body(body) == SendMessage("hi")
         return
     with pytest.raises(CommandError) as error:
-        protocol.parse_speak_body(body)
+        client_input.parse_speak_body(body)
     assert error.value.code == code
 
 
 @given(st.text(max_size=300))
 def test_any_text_is_either_a_command_or_a_command_error(raw):
     try:
-        protocol.parse_client_message(raw)
+        client_input.parse_client_message(raw)
     except CommandError:
         pass
 
 
 def test_text_of_exactly_4096_characters_is_accepted():
-    assert protocol.parse_client_message('{"type":"tts","text":"' + "a" * 4096 + '"}').text == "a" * 4096
+    assert client_input.parse_client_message('{"type":"tts","text":"' + "a" * 4096 + '"}').text == "a" * 4096
 
 
 def test_voice_frame_layout_is_the_seeds():
