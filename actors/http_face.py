@@ -5,6 +5,9 @@ WebSocket, port `http_port`).
 `POST /v1/speak` goes through the same router as a WebSocket command: each request sends
 its Envelope with a channel of its own, on which the router puts its one answer
 (`accepted` or `error`); the broadcaster never hears of HTTP requests.
+
+(Over 300 lines on purpose: every route, and the order of /v1/speak's checks with the
+security headers and CORS that belong to it, are read together.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ The router calls `speak` for each utterance; everything it produces goes to the 
 through `emit`: UtteranceBegin just before the first audio, then Audio, plus `error`
 events for provider failures. It returns the utterance's status (ok · partial · failed).
 Cancellation (the router's per-utterance cancel scope) stops every synthesis at once.
+
+(Just over 300 lines: one utterance's run — pieces, lookahead, failover, per-piece bounds —
+is one piece of logic.)
 """
 
 from __future__ import annotations

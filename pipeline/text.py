@@ -32,6 +32,9 @@ Own rules on top of the sentences:
 Lengths are counted without the surrounding whitespace; every other cut lands where
 whitespace is followed by a word, so no number, price, URL or e-mail address within
 `max_chars` is ever cut inside.
+
+(Over 300 lines on purpose: these rules interlock — where a clause may end decides where
+the first piece may — and are read best in one place.)
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Decisions (see DESIGN.md section 5):
 
 The body of an answer (raw PCM, or WAV converted as it arrives) is decoded by
 `speech_body.SpeechBodyDecoder`.
+
+(Over 300 lines on purpose: one request and every way it can go wrong — connecting, the
+status, the body, retries — are read together.)
 """
 
 from __future__ import annotations
