@@ -150,21 +150,19 @@ class Broadcaster:
             ttfa_ms = round((now - self.speaking.received_at) * 1000, 1)
             self.metrics.ttfa.observe(now - self.speaking.received_at)
             log.info("utterance.first_audio", utterance_id=frame.utterance_id, ttfa_ms=ttfa_ms)
+        variants: dict[tuple[str, bool], bytes] = {}  # built once per chunk, shared by all
         for sub in list(self.subscribers.values()):
             if sub.options.subscribe:
-                self._push(sub, self._encode(frame, sub.options))
+                key = (sub.options.format, sub.options.compress)
+                if (data := variants.get(key)) is None:
+                    data = variants[key] = self._encode(frame, sub.options)
+                self._push(sub, data)
 
     def _encode(self, frame: Frame, options: SubscriberOptions) -> bytes:
-        """The frame's bytes for one (format, compress) variant, built once per chunk."""
-        key = (options.format, options.compress)
-        data = frame.variants.get(key)
-        if data is None:
-            audio = wav_bytes(frame.pcm, self.settings.sample_rate) if options.format == "wav" else frame.pcm
-            data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, audio)
-            if options.compress:
-                data = protocol.compress_frame(data)
-            frame.variants[key] = data
-        return data
+        """The frame's bytes for one (format, compress) variant."""
+        audio = wav_bytes(frame.pcm, self.settings.sample_rate) if options.format == "wav" else frame.pcm
+        data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, audio)
+        return protocol.compress_frame(data) if options.compress else data
 
     def _finished(self, notice: FinishNotice) -> None:
         finished = notice.event

@@ -104,7 +104,6 @@ class Frame:
     chunk_id: int
     is_final: bool
     pcm: bytes
-    variants: dict[tuple[str, bool], bytes] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
