@@ -1,8 +1,11 @@
-"""Router: owns the session (Initialize/Close), the current provider (SetTTSProvider)
-and the FIFO queue of utterances, and speaks them one at a time.
+"""Router: owns the session (Initialize/Close, the table of pipeline/session.py), the
+current provider (SetTTSProvider) and the FIFO queue of utterances, and speaks them one
+at a time.
 
-Reads Envelopes from intake; sends Speech (utterance audio and every event that must
-stay in order with it) to the chunker. Replies go the same way, addressed to the sender.
+Reads Envelopes from intake and the HTTP face; sends Speech (utterance audio, the
+published SessionStatus and every event that must stay in order with them) to the
+chunker. A WebSocket's answer goes the same way, addressed to it; an HTTP request's answer
+goes into the channel its Envelope carries.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ class Router:
         command, asker = envelope.command, envelope
         match command:
             case SendMessage():
-                await self._accept(command, envelope)
+                await self._accept(command, asker)
             case Initialize():
                 await self._initialize(asker)
             case SetTTSProvider(provider=name):
@@ -114,8 +117,7 @@ class Router:
             case Cancel(all=everything):
                 await self._cancel(asker, everything)
 
-    async def _accept(self, command: SendMessage, envelope: Envelope) -> None:
-        asker = envelope
+    async def _accept(self, command: SendMessage, asker: Envelope) -> None:
         if self.stopping or self.session not in ACCEPTING:
             why = "the daemon is shutting down" if self.stopping else f"the session is {self.session}; send initialize first"
             await self._reject(asker, ErrorCode.NOT_INITIALIZED, why)
@@ -138,8 +140,8 @@ class Router:
             voice=command.voice,
             speed=command.speed,
             provider=command.provider,
-            owner=envelope.conn_id,
-            received_at=envelope.received_at,
+            owner=asker.conn_id,
+            received_at=asker.received_at,
         )
         position = len(self.queue)
         log.info("utterance.accepted", utterance_id=utt.id, chars=len(utt.text), position=position)
