@@ -8,6 +8,7 @@ broadcaster (which owns everything written to a connection).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import urllib.parse
 from dataclasses import dataclass
@@ -195,7 +196,8 @@ class Intake:
                 reason = await self._read(connection, peer)
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.move_on_after(1) as cleanup:
+            with trio.move_on_after(1) as cleanup, contextlib.suppress(trio.BrokenResourceError):
+                # (Broken: the broadcaster is gone, the daemon is stopping; nobody to tell.)
                 cleanup.shield = True
                 await self.outbox.send(Leave(peer.conn_id, reason))
 

@@ -72,6 +72,7 @@ SETTINGS = Settings(
     close_timeout=math.inf,
     breaker_failures=BREAKER_FAILURES,
     breaker_cooldown=1e9,
+    piece_timeout=math.inf,  # a voice held "in the middle" must not time out as the clock jumps
 )
 
 # The answers to commands (with `error`s that name no utterance, and `closed`).
