@@ -22,6 +22,7 @@ from actors.subscriber_stream import SubscriberListener, SubscriberStream
 from actors.websocket import StrictConnection, keep_alive
 from pipeline import access, client_input
 from pipeline.access import Grant, HandshakeError, TokenBucket
+from pipeline.commands import Disconnected, TextAppend
 from pipeline.config import Settings
 from pipeline.errors import SpeechError
 from pipeline.events import ErrorCode, ErrorEvent
@@ -31,6 +32,8 @@ log = structlog.get_logger()
 
 # Close code for a peer that stopped answering pings (as the `websockets` library uses).
 CLOSE_NO_PONG = 1011
+# What a text_append costs of the rate limit, as a share of any other command's cost.
+APPEND_COST = 0.1
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Peer:
     grant: Grant
     bucket: TokenBucket
     limited: bool = False  # inside a run of rate-limited messages (logged once per run)
+    commanded: bool = False  # it sent the router a command (so it may have opened streams)
     ended_because: str | None = None
 
 
@@ -197,9 +201,11 @@ class Intake:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(1) as cleanup, contextlib.suppress(trio.BrokenResourceError):
-                # (Broken: the broadcaster is gone, the daemon is stopping; nobody to tell.)
+                # (Broken: the daemon is stopping; nobody to tell.)
                 cleanup.shield = True
                 await self.outbox.send(Leave(peer.conn_id, reason))
+                if peer.commanded:  # the streams it opened end by themselves
+                    await self.commands.send(Envelope(peer.conn_id, Disconnected(), trio.current_time()))
 
     async def _read(self, connection: WebSocketConnection, peer: Peer) -> str:
         """Handle the connection's messages until it closes; return the disconnect reason."""
@@ -236,13 +242,10 @@ class Intake:
         reaches the parser (docs/access.md).
         """
         received_at = trio.current_time()
-        if not peer.bucket.take():
-            # Logged once per run of refusals: a flooding client must not flood the log.
-            if not peer.limited:
-                peer.limited = True
-                log.info("command.rejected", code="rate_limited", conn=peer.conn_id)
-            error = access.rate_limited_error(self.settings, peer.bucket.wait_seconds())
-            await self.outbox.send(Reply(peer.conn_id, error))
+        # Every message pays APPEND_COST first; all but a stream's text_append pay the rest
+        # once parsed: an assistant may append ten times as often as it may command.
+        if not peer.bucket.take(APPEND_COST):
+            await self._refuse_rate(peer)
             return
         peer.limited = False
         if not peer.grant.control:
@@ -258,10 +261,22 @@ class Intake:
         except SpeechError as e:
             await self._reply_error(peer.conn_id, e.code, e.message)
             return
+        if not isinstance(command, TextAppend) and not peer.bucket.take(1.0 - APPEND_COST):
+            await self._refuse_rate(peer)
+            return
         if not self.accepting:
             await self._reply_error(peer.conn_id, ErrorCode.NOT_INITIALIZED, "the daemon is shutting down; no new commands")
             return
+        peer.commanded = True
         await self.commands.send(Envelope(peer.conn_id, command, received_at))
+
+    async def _refuse_rate(self, peer: Peer) -> None:
+        # Logged once per run of refusals: a flooding client must not flood the log.
+        if not peer.limited:
+            peer.limited = True
+            log.info("command.rejected", code="rate_limited", conn=peer.conn_id)
+        error = access.rate_limited_error(self.settings, peer.bucket.wait_seconds())
+        await self.outbox.send(Reply(peer.conn_id, error))
 
     async def _reply_error(self, conn_id: int, code: ErrorCode, message: str) -> None:
         log.info("command.rejected", code=code, conn=conn_id)

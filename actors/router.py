@@ -16,7 +16,19 @@ import itertools
 import structlog
 import trio
 
-from pipeline.commands import Cancel, Close, Initialize, SendMessage, SetTTSProvider, TTSProvider
+from actors.streams import OpenStreams
+from pipeline.commands import (
+    Cancel,
+    Close,
+    Disconnected,
+    Initialize,
+    SendMessage,
+    SetTTSProvider,
+    TextAppend,
+    TextEnd,
+    TextStart,
+    TTSProvider,
+)
 from pipeline.config import Settings
 from pipeline.errors import ProviderError
 from pipeline.events import Accepted, Cancelled, Closed, ErrorCode, ErrorEvent, ProviderChanged, Ready, ServerEvent, Status
@@ -26,6 +38,7 @@ from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.registry import ProviderSet
 from pipeline.session import ACCEPTING, SessionInput, SessionState, transition
 from pipeline.speaking import Speaker, Utterance
+from pipeline.streaming import StreamTooLong, TextStream
 from pipeline.utterance_queue import CloseMark, UtteranceQueue
 
 log = structlog.get_logger()
@@ -73,10 +86,12 @@ class Router:
         self.check_timeout = settings.connect_timeout + settings.first_byte_timeout
         self._check_waiters: list[Envelope | None] = []  # Initializes waiting for the check
         self._nursery: trio.Nursery
+        self.streams: OpenStreams
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.speech, self.commands, trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.streams = OpenStreams(self.settings, nursery)
             nursery.start_soon(self._speak_forever)
             # The daemon initializes itself, but listens at once: the provider is checked
             # in the background and /readyz says "not ready" until it is up.
@@ -94,8 +109,18 @@ class Router:
             return
         command, asker = envelope.command, envelope
         match command:
-            case SendMessage():
+            case SendMessage() | TextStart():
                 await self._accept(command, asker)
+            case TextAppend(utterance_id=utt_id, text=text, flush=flush):
+                if (stream := await self._open_stream(asker, utt_id)) is not None:
+                    await self._feed(asker, stream, text, flush=flush)
+            case TextEnd(utterance_id=utt_id, text=text):
+                if (stream := await self._open_stream(asker, utt_id)) is not None:
+                    if text and not await self._feed(asker, stream, text):
+                        return  # refused whole (too long): the stream stays open
+                    self.streams.end(utt_id)
+            case Disconnected():
+                self.streams.end_all(owner=asker.conn_id)
             case Initialize():
                 await self._initialize(asker)
             case SetTTSProvider(provider=name):
@@ -117,7 +142,7 @@ class Router:
             case Cancel(all=everything):
                 await self._cancel(asker, everything)
 
-    async def _accept(self, command: SendMessage, asker: Envelope) -> None:
+    async def _accept(self, command: SendMessage | TextStart, asker: Envelope) -> None:
         if self.stopping or self.session not in ACCEPTING:
             why = "the daemon is shutting down" if self.stopping else f"the session is {self.session}; send initialize first"
             await self._reject(asker, ErrorCode.NOT_INITIALIZED, why)
@@ -134,19 +159,53 @@ class Router:
                 asker, ErrorCode.QUEUE_FULL, f"{self.settings.max_pending} utterances are already waiting; try again later"
             )
             return
+        streaming = isinstance(command, TextStart)
+        if streaming and len(command.text) > self.settings.max_stream_chars:
+            await self._reject(asker, ErrorCode.TEXT_TOO_LONG, f"more than {self.settings.max_stream_chars} characters (max_stream_chars)")
+            return
+        stream = None
+        if streaming:
+            stream = TextStream(
+                short_first=self.settings.short_first_piece,
+                max_chars=self.settings.max_stream_chars,
+                now=asker.received_at,
+            )
         utt = Utterance(
             id=f"u{next(self._ids)}",
-            text=command.text,
+            text="" if streaming else command.text,
             voice=command.voice,
             speed=command.speed,
             provider=command.provider,
             owner=asker.conn_id,
             received_at=asker.received_at,
+            stream=stream,
         )
         position = len(self.queue)
-        log.info("utterance.accepted", utterance_id=utt.id, chars=len(utt.text), position=position)
-        await self._answer(asker, Accepted(utt.id, position))
+        log.info("utterance.accepted", utterance_id=utt.id, chars=len(command.text), position=position, streaming=streaming)
+        await self._answer(asker, Accepted(utt.id, position, streaming=streaming))
+        if stream is not None:
+            self.streams.open(utt.id, asker.conn_id, stream)
+            stream.append(command.text, now=asker.received_at)
         self.queue.put(utt)
+
+    async def _open_stream(self, asker: Envelope, utt_id: str) -> TextStream | None:
+        """The open stream `utt_id` of the asking connection, or None (answered
+        `unknown_utterance`: never opened, ended, or another connection's)."""
+        stream = self.streams.find(utt_id, asker.conn_id)
+        if stream is None:
+            await self._reject(
+                asker, ErrorCode.UNKNOWN_UTTERANCE, f"no open streaming utterance {utt_id[:40]!r} of this connection"
+            )
+        return stream
+
+    async def _feed(self, asker: Envelope, stream: TextStream, text: str, *, flush: bool = False) -> bool:
+        """Append to a stream; False (answered `text_too_long`) past max_stream_chars."""
+        try:
+            stream.append(text, flush=flush, now=asker.received_at)
+        except StreamTooLong as e:
+            await self._reject(asker, ErrorCode.TEXT_TOO_LONG, str(e))
+            return False
+        return True
 
     async def _initialize(self, asker: Envelope | None) -> None:
         """Open the session now; check the current provider in its own task (never in
@@ -193,6 +252,7 @@ class Router:
         if self.speaking is not None:
             utt, scope = self.speaking
             scope.cancel()
+            self.streams.end(utt.id)
             ids.append(utt.id)
         if everything:
             ids += await self._cancel_waiting()
@@ -202,6 +262,7 @@ class Router:
         """Drop every queued utterance, each ending as `cancelled`; their ids."""
         dropped = self.queue.drop_utterances()
         for utt in dropped:
+            self.streams.end(utt.id)
             await self.speech.send(UtteranceEnd(utt.id, utt.owner, Status.CANCELLED, utt.provider or self.current))
         return [utt.id for utt in dropped]
 
@@ -209,6 +270,7 @@ class Router:
         """Accept nothing more, end every waiting utterance as `cancelled`, and give the
         speaking one `grace` seconds; the speaker passes `shutdown` on when it is done."""
         self.stopping = True
+        self.streams.end_all()  # the speaking stream speaks what it has within the grace
         if self.speaking is not None:
             self.speaking[1].deadline = trio.current_time() + shutdown.grace
         cancelled = await self._cancel_waiting()
@@ -279,6 +341,7 @@ class Router:
                 self.speaking = (utt, scope)
                 status = await self.speaker.speak(utt, first, self.speech.send)
             self.speaking = None
+            self.streams.end(utt.id)  # (a stream whose providers all failed is over too)
             await self.speech.send(UtteranceEnd(utt.id, utt.owner, status, first, trio.current_time() - started))
 
 

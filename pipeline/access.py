@@ -158,12 +158,12 @@ class TokenBucket:
         self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
 
-    def take(self) -> bool:
-        """Take one token; False (and nothing taken) when the bucket is empty."""
+    def take(self, cost: float = 1.0) -> bool:
+        """Take `cost` tokens; False (and nothing taken) when the bucket has fewer."""
         self._refill()
         # The tolerance absorbs float rounding: waiting exactly `wait_seconds()` must pass.
-        if self.tokens >= 1.0 - 1e-9:
-            self.tokens = max(0.0, self.tokens - 1.0)
+        if self.tokens >= cost - 1e-9:
+            self.tokens = max(0.0, self.tokens - cost)
             return True
         return False
 

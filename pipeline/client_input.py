@@ -13,7 +13,18 @@ import re
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from pipeline.commands import Cancel, Close, Command, Initialize, SendMessage, SetTTSProvider, TTSProvider
+from pipeline.commands import (
+    Cancel,
+    Close,
+    Command,
+    Initialize,
+    SendMessage,
+    SetTTSProvider,
+    TextAppend,
+    TextEnd,
+    TextStart,
+    TTSProvider,
+)
 from pipeline.errors import CommandError
 from pipeline.events import ErrorCode
 from pipeline.protocol import PROVIDER_NAMES
@@ -132,11 +143,30 @@ def _command(message: Any) -> Command:
         return Close()
     if kind == "cancel":
         return Cancel(all=bool(_optional(message, "all", bool)))
+    if kind == "text_start":
+        first = message.get("text")
+        return TextStart(
+            voice=voice_name(message.get("voice")),
+            speed=_speed(message),
+            provider=_provider(message, required=False),
+            text="" if first is None else stream_text(first, required=False),
+        )
+    if kind == "text_append":
+        if "text" not in message:
+            raise CommandError("\"text\" is required", code=ErrorCode.INVALID_COMMAND)
+        return TextAppend(
+            _utterance_id(message),
+            stream_text(message["text"], required=True),
+            flush=bool(_optional(message, "flush", bool)),
+        )
+    if kind == "text_end":
+        last = message.get("text")
+        return TextEnd(_utterance_id(message), "" if last is None else stream_text(last, required=False))
     if kind is None:
         raise CommandError("the command has no \"type\"", code=ErrorCode.INVALID_COMMAND)
     raise CommandError(
         f"unknown command type {_shown(kind)}; use initialize, send_message, "
-        "set_tts_provider, close or cancel",
+        "set_tts_provider, close, cancel, text_start, text_append or text_end",
         code=ErrorCode.INVALID_COMMAND,
     )
 
@@ -181,6 +211,36 @@ def speakable_text(text: Any) -> str:
     if _SPEAKABLE.search(text) is None:
         raise CommandError("\"text\" has nothing to speak: no letter or digit", code=ErrorCode.EMPTY_TEXT)
     return text
+
+
+def stream_text(text: Any, *, required: bool) -> str:
+    """Check a part of a streamed text (DESIGN.md section 10): a string of at most
+    MAX_TEXT_CHARS characters with no control character or lone surrogate, as whole texts.
+    A part may be only whitespace (appends carry their own spaces); only "" is
+    `empty_text`, and only where a part is `required` (text_append)."""
+    if not isinstance(text, str):
+        raise CommandError("\"text\" must be a string", code=ErrorCode.INVALID_COMMAND)
+    if required and not text:
+        raise CommandError("\"text\" is empty", code=ErrorCode.EMPTY_TEXT)
+    if len(text) > MAX_TEXT_CHARS:
+        raise CommandError(
+            f"\"text\" has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted per part",
+            code=ErrorCode.TEXT_TOO_LONG,
+        )
+    if (bad := _FORBIDDEN_IN_TEXT.search(text)) is not None:
+        raise CommandError(
+            f"\"text\" holds {ascii(bad.group())} at position {bad.start()}: control characters "
+            "(other than tab and line breaks) and lone surrogates cannot be spoken",
+            code=ErrorCode.INVALID_COMMAND,
+        )
+    return text
+
+
+def _utterance_id(message: dict[str, Any]) -> str:
+    value = message.get("utterance_id")
+    if not isinstance(value, str) or not value:
+        raise CommandError("\"utterance_id\" is required: the id `accepted` gave for text_start", code=ErrorCode.INVALID_COMMAND)
+    return value
 
 
 def voice_name(voice: Any) -> str | None:

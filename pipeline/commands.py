@@ -52,4 +52,37 @@ class Cancel:
     all: bool = False
 
 
-Command = Initialize | SendMessage | SetTTSProvider | Close | Cancel
+@dataclass(frozen=True)
+class TextStart:
+    """Open a streaming utterance (DESIGN.md section 10); `text` is its optional first text."""
+
+    voice: str | None = None
+    speed: float | None = None
+    provider: TTSProvider | None = None
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class TextAppend:
+    """More text for an open streaming utterance; `flush` speaks the held tail now."""
+
+    utterance_id: str
+    text: str
+    flush: bool = False
+
+
+@dataclass(frozen=True)
+class TextEnd:
+    """The streaming utterance's text is complete (`text`: its optional last part)."""
+
+    utterance_id: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """Not a client command: intake tells the router that a connection has gone, so the
+    streaming utterances it opened end by themselves."""
+
+
+Command = Initialize | SendMessage | SetTTSProvider | Close | Cancel | TextStart | TextAppend | TextEnd | Disconnected

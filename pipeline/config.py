@@ -96,6 +96,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("short_first_piece", bool, "speak the first clause on its own so first audio needs only a few words"),
     Spec("lookahead", int, "pieces synthesized ahead of the one streaming out", _between(0, 8)),
     Spec("max_pending", int, "utterances that may wait in the queue", _between(1, 100000)),
+    Spec("stream_idle_flush_s", float, "seconds without new text before a streamed utterance's held tail is spoken", _positive),
+    Spec("stream_idle_end_s", float, "seconds without new text before a streamed utterance ends by itself", _positive),
+    Spec("max_stream_chars", int, "characters one streamed utterance may receive in all", _between(1, 10_000_000)),
     Spec("max_connections", int, "WebSocket connections at once", _between(1, 1000000)),
     Spec("shutdown_grace", float, "seconds the speaking utterance may finish after SIGTERM", _non_negative),
     Spec("control_token", str, "token needed to send commands (secret)"),
@@ -151,6 +154,9 @@ class Settings:
     short_first_piece: bool = True
     lookahead: int = 1
     max_pending: int = 64
+    stream_idle_flush_s: float = 1.0
+    stream_idle_end_s: float = 30.0
+    max_stream_chars: int = 100_000
     max_connections: int = 4096
     shutdown_grace: float = 5.0
     control_token: str | None = dataclasses.field(default=None, repr=False)

@@ -62,6 +62,7 @@ class Ready:
 class Accepted:
     utterance_id: str
     position: int
+    streaming: bool = False  # rendered only when True (a text_start's answer)
 
 
 @dataclass(frozen=True)

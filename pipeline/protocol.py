@@ -71,6 +71,8 @@ def as_dict(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> 
             fields["providers"] = list(PROVIDER_NAMES)
         case UtteranceStarted():
             fields["format"] = audio_format
+        case Accepted(streaming=False):
+            del fields["streaming"]
         case Cancelled():
             fields["utterance_ids"] = list(event.utterance_ids)
         case ErrorEvent():

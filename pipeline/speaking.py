@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 import trio
@@ -29,6 +29,7 @@ from pipeline.metrics import Metrics
 from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.base import Provider
 from pipeline.providers.registry import ProviderSet
+from pipeline.streaming import TextStream
 from pipeline.text import iter_pieces
 
 log = structlog.get_logger()
@@ -39,7 +40,8 @@ INLINE_SEGMENT_CHARS = 300
 
 @dataclass(frozen=True)
 class Utterance:
-    """One accepted send_message."""
+    """One accepted send_message, or a streaming utterance (`stream`: its text arrives
+    while it waits and speaks; `text` is then empty)."""
 
     id: str
     text: str
@@ -48,6 +50,15 @@ class Utterance:
     provider: TTSProvider | None  # a one-off choice; None = the session's current one
     owner: int | None  # the WebSocket connection that submitted it (None: over HTTP)
     received_at: float
+    stream: TextStream | None = field(default=None, compare=False)
+
+    @property
+    def first_text_at(self) -> float:
+        """What TTFA counts from: the arrival of the text, or for a stream of the text that
+        completed its first piece (DESIGN.md section 10)."""
+        if self.stream is not None and self.stream.first_piece_at is not None:
+            return self.stream.first_piece_at
+        return self.received_at
 
 
 @dataclass
@@ -95,7 +106,9 @@ class Speaker:
         return [first] + [p for p in self.fallback if p != first]
 
     async def speak(self, utt: Utterance, first: TTSProvider, emit: Callable[[Speech], Awaitable[None]]) -> Status:
-        texts = _Pieces(iter_pieces(utt.text, short_first=self.short_first_piece), offload=len(utt.text) > INLINE_SEGMENT_CHARS)
+        texts: _Pieces | TextStream = utt.stream or _Pieces(
+            iter_pieces(utt.text, short_first=self.short_first_piece), offload=len(utt.text) > INLINE_SEGMENT_CHARS
+        )
         chain = self.chain(first)
         run = _Run(self, utt, chain, emit)
         async with trio.open_nursery() as nursery:
@@ -127,6 +140,10 @@ class _Pieces:
             elif piece.strip():
                 self._known.append(piece.strip())
         return self._known[index] if index < len(self._known) else None
+
+    async def peek(self, index: int) -> str | None:
+        """For lookahead: a whole text's later pieces are worth segmenting now."""
+        return await self.get(index)
 
 
 class _Run:
@@ -167,7 +184,7 @@ class _Run:
         chosen provider's catalogue: a fallback speaks with its own default."""
         return self.utt.voice if name == self.chain[0] else None
 
-    async def all_pieces(self, texts: _Pieces) -> Status:
+    async def all_pieces(self, texts: _Pieces | TextStream) -> Status:
         jobs: dict[int, _Piece] = {}
         index = 0
         while await texts.get(index) is not None:
@@ -177,7 +194,8 @@ class _Run:
                 break
             # Keep `lookahead` pieces synthesizing beyond the one streaming out.
             for ahead in range(index, index + 1 + self.speaker.lookahead):
-                text = await texts.get(ahead)
+                # (A stream's later pieces only if they are complete already: never wait.)
+                text = await texts.get(ahead) if ahead == index else await texts.peek(ahead)
                 if text is not None and ahead not in jobs:
                     jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1), after_first=ahead == 1)
             job = jobs.pop(index)
@@ -195,6 +213,8 @@ class _Run:
                 self.lost_text = True
                 index += 1
         await self._flush()
+        if self.utt.stream is not None and self.utt.stream.cut_short:
+            self.lost_text = True  # its client left (or went quiet) mid-piece
         if not self.began:
             return Status.FAILED
         return Status.PARTIAL if self.lost_text else Status.OK
@@ -239,7 +259,7 @@ class _Run:
             self.began = True
             provider = self.speaker.providers.get(name)
             await self.emit(
-                UtteranceBegin(self.utt.id, name, self._voice_of(name) or provider.default_voice, self.utt.owner, self.utt.received_at)
+                UtteranceBegin(self.utt.id, name, self._voice_of(name) or provider.default_voice, self.utt.owner, self.utt.first_text_at)
             )
         await self.emit(Audio(self.utt.id, pcm))
 
