@@ -18,6 +18,9 @@ from pipeline.commands import (
     Initialize,
     SendMessage,
     SetTTSProvider,
+    TextAppend,
+    TextEnd,
+    TextStart,
     TTSProvider,
 )
 from pipeline.errors import CommandError
@@ -38,6 +41,13 @@ from pipeline.session import SessionState
         ('{"type":"close"}', Close()),
         ('{"type":"cancel"}', Cancel(all=False)),
         ('{"type":"cancel","all":true}', Cancel(all=True)),
+        ('{"type":"text_start"}', TextStart()),
+        ('{"type":"text_start","text":"So, ","voice":"af_heart","speed":1.2}', TextStart("af_heart", 1.2, None, "So, ")),
+        # An append may be only whitespace: appends carry their own spaces.
+        ('{"type":"text_append","utterance_id":"u3","text":" "}', TextAppend("u3", " ")),
+        ('{"type":"text_append","utterance_id":"u3","text":"well.","flush":true}', TextAppend("u3", "well.", flush=True)),
+        ('{"type":"text_end","utterance_id":"u3"}', TextEnd("u3")),
+        ('{"type":"text_end","utterance_id":"u3","text":" Bye."}', TextEnd("u3", " Bye.")),
     ],
 )
 def test_valid_messages_become_commands(raw, command):
@@ -57,6 +67,12 @@ def test_valid_messages_become_commands(raw, command):
         ('{"type":"set_tts_provider"}', "invalid_command"),
         ('{"type":"send_message","text":"\\n\\t "}', "empty_text"),
         ('{"type":"send_message","text":""}', "empty_text"),
+        ('{"type":"text_append","utterance_id":"u1","text":""}', "empty_text"),
+        ('{"type":"text_append","text":"hi"}', "invalid_command"),
+        ('{"type":"text_append","utterance_id":"u1"}', "invalid_command"),
+        ('{"type":"text_append","utterance_id":"u1","text":"a\\u0000b"}', "invalid_command"),
+        ('{"type":"text_end","utterance_id":7}', "invalid_command"),
+        ('{"type":"text_start","text":5}', "invalid_command"),
         # Found in issue 10: a number past Python's 4300-digit int limit, anywhere.
         ('{"type":"send_message","text":"hi","speed":' + "9" * 5000 + "}", "invalid_json"),
         ('{"type":"initialize","x":[' + "1" * 4301 + "]}", "invalid_json"),
