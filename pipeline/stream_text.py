@@ -21,8 +21,9 @@ How it decides (docs/streaming.md says the same for operators):
 - A sentence is released when the next span is known not to be short (its words so far
   already make it long enough, so no short-sentence merge can reach back), or when the next
   span is complete and the merge has decided.
-- Short-first: the first piece is released as soon as the first sentence has 14 words
-  without a boundary (then the cut, which looks only at its first 11 words, cannot move).
+- Short-first: the first piece is released as soon as the first sentence surely has 13
+  words (then the cut, which looks only at its first 11 words, cannot move); a first
+  sentence of 9 to 12 words waits for its end.
 
 The property (tests/test_stream_text.py): for any text and any split of it into appends,
 the pieces released by the appends and one final `flush` are exactly
@@ -68,11 +69,12 @@ from pipeline.text import (
 # "Dr. Smith", "U.S. He", "e.g. Apples" from the next word; one more is a safety margin.
 LOOKAHEAD_WORDS = 2
 # Words the first sentence needs before its quick first piece is final: the cut looks at
-# words up to FIRST_MAX_WORDS and keeps MIN_WORDS after it, so 14 words fix it.
-_EARLY_FIRST_WORDS = FIRST_MAX_WORDS + MIN_WORDS + 1
+# words up to FIRST_MAX_WORDS and keeps MIN_WORDS after it, so 13 words fix it.
+_EARLY_FIRST_WORDS = FIRST_MAX_WORDS + MIN_WORDS
 
 _COMPLETE_WORD = re.compile(r"\S+(?=\s)")
 _WORD = re.compile(r"\S+")
+_WORD_START = re.compile(r"(?<=\s)\S")
 
 
 class _NeedMore(Exception):
@@ -145,10 +147,8 @@ class StreamSegmenter:
         the next sentence, as far as no boundary can appear in it (None if unknown)."""
         buf = self._buf
         cuts = _window_cuts(self._segmenter, buf, self._pos, len(buf)) if len(buf) > self._pos else []
-        horizon = len(buf)
+        horizon, limit = self._horizon() if not final else (len(buf), len(buf))
         if not final:
-            words = [m.start() for m in _COMPLETE_WORD.finditer(buf, self._pos)]
-            horizon = words[-LOOKAHEAD_WORDS] if len(words) >= LOOKAHEAD_WORDS else self._pos
             if cuts and cuts[0] - self._pos > self._window // 2:
                 cuts = []  # whole text may force a cut before it: wait for the window to close
             cuts = [cut for cut in cuts if cut <= horizon]
@@ -159,8 +159,8 @@ class StreamSegmenter:
         spans = [(max(a, self._restart), b) for a, b in spans if b > self._restart]
         probe = None
         last_end = spans[-1][1] if spans else self._restart
-        if not final and horizon > last_end and (not spans or not _is_short(buf, *spans[-1])):
-            probe = (last_end, horizon)
+        if not final and limit > last_end and (not spans or not _is_short(buf, *spans[-1])):
+            probe = (last_end, limit)
         return spans, probe
 
     def _release(self, *, final: bool) -> list[str]:
@@ -214,33 +214,43 @@ class StreamSegmenter:
         self._done = max(self._done, cursor)
         return out
 
-    def _early_first_cut(self, spans: list[tuple[int, int]]) -> int | None:
-        """The quick first piece's end, once the first sentence is long enough to fix it."""
+    def _horizon(self) -> tuple[int, int]:
+        """(horizon, limit): sentence boundaries at or before `horizon` are settled (enough
+        complete words follow them); any boundary still to come is a word start after it,
+        so at `limit` or later (the first word start after `horizon`, else the text's end)."""
         buf = self._buf
-        first_boundary = spans[0][1] if spans else None
-        if first_boundary is None:
-            tentative = _window_cuts(self._segmenter, buf, self._pos, len(buf)) if not self._closed else []
+        words = [m.start() for m in _COMPLETE_WORD.finditer(buf, self._pos)]
+        if len(words) < LOOKAHEAD_WORDS:
+            return self._pos, self._pos
+        horizon = words[-LOOKAHEAD_WORDS]
+        following = _WORD_START.search(buf, horizon + 1)
+        return horizon, following.start() if following else len(buf)
+
+    def _early_first_cut(self, spans: list[tuple[int, int]]) -> int | None:
+        """The quick first piece's end, once the first sentence is long enough to fix it.
+
+        The first sentence reaches at least `limit` (no boundary can come before it). With
+        13 words there, `_first_cut` looks only at words that are complete and the rules
+        that depend on the sentence's end only widen with it, so checking that they are
+        already met makes the cut final."""
+        buf = self._buf
+        horizon, limit = self._horizon()
+        if spans:
+            first_boundary = spans[0][1]
+        else:
+            tentative = _window_cuts(self._segmenter, buf, self._pos, len(buf)) if self._pos == 0 else [0]
             first_boundary = tentative[0] if tentative else len(buf)
-        words = []
-        for match in _WORD.finditer(buf):
-            words.append(match)
-            if len(words) == _EARLY_FIRST_WORDS:
-                break
+        if first_boundary <= horizon or limit > self._window // 2:
+            return None  # the sentence ends early, or whole text might force a cut in it
+        first = _Sentence(0, limit)
+        words = list(_WORD.finditer(buf, 0, limit))
         if len(words) < _EARLY_FIRST_WORDS:
-            return None
-        last_start = words[-1].start()
-        complete = [m.start() for m in _COMPLETE_WORD.finditer(buf, last_start)]
-        if (
-            len(complete) < LOOKAHEAD_WORDS  # a boundary before it could still appear
-            or first_boundary <= last_start
-            or last_start > self._window // 2  # whole text could force a cut before it
-        ):
             return None
         for k in range(FIRST_MIN_WORDS, FIRST_MAX_WORDS + 1):
             fits = words[k - 1].end() - words[0].start() <= self._max_chars
-            if fits and _is_short(buf, words[k].start(), last_start):
+            if fits and _is_short(buf, words[k].start(), limit):
                 return None  # whether this cut is allowed depends on text still to come
-        return _first_cut(buf, _Sentence(0, last_start), self._max_chars)
+        return _first_cut(buf, first, self._max_chars)
 
     def _trim(self) -> None:
         """Drop released text no window or sentence needs any more."""
