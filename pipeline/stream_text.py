@@ -96,7 +96,7 @@ class StreamSegmenter:
         self._max_chars = max_chars
         self._window = window_size(max_chars)
         self._segmenter = pysbd.Segmenter(language="en", clean=False, char_span=True)
-        self._at_start = True  # nothing released yet: the first-piece rule still applies
+        self._at_start = True  # the first sentence is not out yet: the first-piece rule applies
         self._clear()
 
     def _clear(self) -> None:
@@ -159,7 +159,9 @@ class StreamSegmenter:
         spans = [(max(a, self._restart), b) for a, b in spans if b > self._restart]
         probe = None
         last_end = spans[-1][1] if spans else self._restart
-        if not final and limit > last_end and (not spans or not _is_short(buf, *spans[-1])):
+        # The merge asks of the next span only whether it is short and whether a short
+        # sentence fits with it; a longer span answers both the same way as its start.
+        if not final and limit > last_end:
             probe = (last_end, limit)
         return spans, probe
 
@@ -181,7 +183,7 @@ class StreamSegmenter:
                 ends.append(sentence.end)
                 yield sentence
 
-        short_first = self._short_first and self._at_start and self._restart == 0
+        short_first = self._short_first and self._at_start
         sentences = record(_merge_short(buf, feed(), self._max_chars))
         pieces: list[str] = []
         try:
@@ -194,10 +196,13 @@ class StreamSegmenter:
             if cut is not None:
                 released = [buf[:cut]]
                 self._done = cut
-        if released:
+        if final and released:
             self._at_start = False
         if not final and ends and ends[-1] > self._restart:
+            # A sentence is wholly out: the first-piece rule is done (an early first piece
+            # alone does not end it: the rest of that sentence is still cut as whole text's).
             self._restart = ends[-1]
+            self._at_start = False
             self._trim()
         return released
 

@@ -95,6 +95,51 @@ def test_one_character_at_a_time_gives_the_pieces_of_the_whole_text(text: str) -
     assert streamed(list(text)) == split_pieces(text)
 
 
+def words_of(text: str) -> list[str]:
+    """`text` as an assistant sends it: one word and its following space per append."""
+    words = text.split(" ")
+    return [w + " " for w in words[:-1]] + [words[-1]]
+
+
+MILL = (
+    "The old mill by the river had stood there quietly for more than two hundred long years "
+    "and all the people loved it, even though nobody ground corn there."
+)
+MILL_NEXT = " The new owners want to turn the whole building into a small museum. Fine."
+
+
+def test_a_sentence_longer_than_a_window_is_cut_where_whole_text_cuts_it() -> None:
+    # Whole text forces a cut inside a sentence longer than pysbd's window (200 here);
+    # the stream must close its windows at the same places.
+    long = (
+        "The village council met again on the first warm evening of the spring, and the "
+        "members talked for hours about the road, the bridge, the school roof and the old "
+        "mill by the river, which nobody had repaired since the great flood of the winter "
+        "before, while the children played outside in the square until it was dark. "
+    )
+    text = "It was late. " + long + "Dr. Smith agreed with all of them. " + long + "They went home."
+    for max_chars in (60, 100):
+        whole = split_pieces(text, max_chars=max_chars)
+        assert streamed(words_of(text), max_chars=max_chars) == whole
+        assert streamed(list(text), max_chars=max_chars) == whole
+
+
+def test_a_boundary_late_in_an_open_window_waits_for_the_window_to_close() -> None:
+    # The first sentence (153 characters) ends past half the window, after a clause in
+    # that half: whole text cuts at the clause, so the stream may not trust the period.
+    text = MILL + MILL_NEXT
+    for short_first in (False, True):
+        whole = split_pieces(text, max_chars=100, short_first=short_first)
+        assert streamed(words_of(text), max_chars=100, short_first=short_first) == whole
+
+
+def test_after_an_early_first_piece_the_rest_of_the_sentence_is_cut_as_whole_text_cuts_it() -> None:
+    text = MILL.replace("there.", "in it for a very long time now.") + MILL_NEXT
+    whole = split_pieces(text, max_chars=100)
+    assert len(whole[0].split()) <= 10 and len(whole) == 4  # quick first piece, rest in two
+    assert streamed(words_of(text), max_chars=100) == whole
+
+
 # --- released as soon as final, held otherwise -------------------------------------
 
 
