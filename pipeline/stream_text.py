@@ -46,6 +46,7 @@ is held whole, as whole-text segmentation cuts it only once its end is known.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator
 
@@ -154,7 +155,7 @@ class StreamSegmenter:
             cuts = [cut for cut in cuts if cut <= horizon]
         spans = list(self._closed)
         edges = [self._pos, *cuts] + ([len(buf)] if final else [])
-        spans += [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        spans += [(a, b) for a, b in itertools.pairwise(edges) if b > a]
         # Keep what is not released yet; a span straddling _restart only if a boundary moved.
         spans = [(max(a, self._restart), b) for a, b in spans if b > self._restart]
         probe = None

@@ -7,6 +7,7 @@ on how the text was cut into appends, that a piece comes out as soon as it is fi
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -75,7 +76,7 @@ def _splits(draw: st.DrawFn) -> tuple[str, list[str]]:
     text = draw(_texts())
     cuts = sorted(draw(st.sets(st.integers(min_value=1, max_value=max(1, len(text) - 1)), max_size=60)))
     edges = [0, *[c for c in cuts if c < len(text)], len(text)]
-    return text, [text[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return text, [text[a:b] for a, b in itertools.pairwise(edges)]
 
 
 @settings(max_examples=300, deadline=None)
