@@ -111,8 +111,21 @@ def iter_pieces(text: str, *, short_first: bool = True, max_chars: int = 250) ->
 def _pieces(text: str, short_first: bool, max_chars: int) -> Iterator[str]:
     if not text or text.isspace():
         return
-    spans = _sentence_spans(text, max(MIN_WINDOW, 2 * max_chars))
-    for index, sentence in enumerate(_merge_short(text, spans, max_chars)):
+    spans = _sentence_spans(text, window_size(max_chars))
+    yield from pieces_of_sentences(text, _merge_short(text, spans, max_chars), short_first, max_chars)
+
+
+def window_size(max_chars: int) -> int:
+    """How many characters pysbd sees at once (also used by `pipeline.stream_text`)."""
+    return max(MIN_WINDOW, 2 * max_chars)
+
+
+def pieces_of_sentences(
+    text: str, sentences: Iterable[_Sentence], short_first: bool, max_chars: int
+) -> Iterator[str]:
+    """The pieces of merged sentences, each sentence's pieces yielded before the next is
+    pulled (`pipeline.stream_text` relies on that to know which pieces are final)."""
+    for index, sentence in enumerate(sentences):
         start = sentence.start
         if index == 0 and short_first:
             cut = _first_cut(text, sentence, max_chars)
@@ -130,17 +143,7 @@ def _sentence_spans(text: str, window: int) -> Iterator[tuple[int, int]]:
     pos = 0
     while True:
         stop = len(text) if len(text) - pos <= window else _window_stop(text, pos, window)
-        cuts: list[int] = []
-        for span in segmenter.segment(text[pos:stop]):
-            cut = pos + span.start
-            after = cuts[-1] if cuts else pos
-            if (
-                after < cut < stop
-                and text[cut - 1].isspace()
-                and not text[cut].isspace()
-                and not text[after:cut].isspace()
-            ):
-                cuts.append(cut)
+        cuts = _window_cuts(segmenter, text, pos, stop)
         if stop == len(text):
             for cut in cuts:
                 yield pos, cut
@@ -152,6 +155,22 @@ def _sentence_spans(text: str, window: int) -> Iterator[tuple[int, int]]:
         for cut in cuts or [stop]:
             yield pos, cut
             pos = cut
+
+
+def _window_cuts(segmenter: pysbd.Segmenter, text: str, pos: int, stop: int) -> list[int]:
+    """Sentence starts pysbd finds in `text[pos:stop]`, kept where whitespace precedes a word."""
+    cuts: list[int] = []
+    for span in segmenter.segment(text[pos:stop]):
+        cut = pos + span.start
+        after = cuts[-1] if cuts else pos
+        if (
+            after < cut < stop
+            and text[cut - 1].isspace()
+            and not text[cut].isspace()
+            and not text[after:cut].isspace()
+        ):
+            cuts.append(cut)
+    return cuts
 
 
 def _window_stop(text: str, pos: int, window: int) -> int:
