@@ -31,8 +31,26 @@ from pipeline.commands import (
 )
 from pipeline.config import Settings
 from pipeline.errors import ProviderError
-from pipeline.events import Accepted, Cancelled, Closed, ErrorCode, ErrorEvent, ProviderChanged, Ready, ServerEvent, Status
-from pipeline.flow import Broadcast, Envelope, Reply, SessionStatus, Shutdown, Speech, UtteranceEnd
+from pipeline.events import (
+    Accepted,
+    Cancelled,
+    Closed,
+    ErrorCode,
+    ErrorEvent,
+    ProviderChanged,
+    Ready,
+    ServerEvent,
+    Status,
+)
+from pipeline.flow import (
+    Broadcast,
+    Envelope,
+    Reply,
+    SessionStatus,
+    Shutdown,
+    Speech,
+    UtteranceEnd,
+)
 from pipeline.metrics import Metrics
 from pipeline.piece_bounds import PieceBounds
 from pipeline.providers.registry import ProviderSet

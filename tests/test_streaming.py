@@ -14,6 +14,9 @@ import dataclasses
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hyp_settings
+from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from actors.router import Router
@@ -22,7 +25,18 @@ from pipeline.config import Settings
 from pipeline.daemon import running_daemon
 from pipeline.events import Status
 from pipeline.flow import Envelope, UtteranceEnd
-from tests.support import Heard, HeldVoice, ScriptedProvider, finished, of_type, provider_set, receive_until, send
+from pipeline.text import split_pieces
+from tests.fakes.tts_servers import FakeKokoros
+from tests.support import (
+    Heard,
+    HeldVoice,
+    ScriptedProvider,
+    finished,
+    of_type,
+    provider_set,
+    receive_until,
+    send,
+)
 
 BASE = Settings(port=0, http_port=0, fallback=(), short_first_piece=False)
 REPLY = "The storm passed in the night. By morning the village was quiet again. Everyone came out to look."
@@ -169,3 +183,34 @@ async def test_a_quiet_stream_speaks_its_tail_then_ends_by_itself(nursery, autoj
             item = await speech.receive()
             if hasattr(item, "event") and getattr(item.event, "code", None) == "unknown_utterance":
                 break
+
+
+LONG_REPLY = (
+    "Dr. Smith said the fee is $29.99, e.g. for two people. The storm passed in the night, "
+    "and by morning the village was quiet again, though the river ran high. Yes. Everyone came out to look."
+)
+
+
+@hyp_settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(1, len(LONG_REPLY) - 1), max_size=15, unique=True).map(sorted))
+async def test_the_text_a_server_is_asked_to_speak_is_the_text_appended(cuts):
+    """Whatever the appends (mid-word, mid-number, mid-abbreviation), the inputs a real
+    HTTP server receives are the streamed text, no word split or glued."""
+    parts = [LONG_REPLY[a:b] for a, b in zip([0, *cuts], [*cuts, len(LONG_REPLY)])]
+    fake = FakeKokoros()
+    with trio.fail_after(30):
+        async with fake.running() as kokoros_url:
+            settings = dataclasses.replace(BASE, provider="kokoros", kokoros_url=kokoros_url, short_first_piece=True)
+            async with running_daemon(settings) as daemon, open_websocket_url(url(daemon.port, "?subscribe=0")) as ws:
+                heard = Heard()
+                utt = (await answer(ws, heard, type="text_start"))["utterance_id"]
+                for part in parts:
+                    await send(ws, type="text_append", utterance_id=utt, text=part)
+                await send(ws, type="text_end", utterance_id=utt)
+                done = await receive_until(ws, heard, finished(utt))
+    assert done["status"] == "ok"
+    # Later pieces are requested side by side, so the server may see them in any order;
+    # they are the whole text's pieces, whose concatenation is the text.
+    pieces = [piece.strip() for piece in split_pieces(LONG_REPLY)]
+    assert sorted(request.json["input"] for request in fake.speech_requests) == sorted(pieces)
+    assert " ".join(pieces).split() == LONG_REPLY.split()
