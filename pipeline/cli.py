@@ -5,6 +5,7 @@ print the effective configuration.
 from __future__ import annotations
 
 import argparse
+import codecs
 import gc
 import json
 import os
@@ -23,14 +24,15 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from pipeline import __version__, protocol
+from pipeline import __version__, client_input, protocol
 from pipeline.audio import read_wav
-from pipeline.commands import SendMessage, TTSProvider
+from pipeline.commands import SendMessage, TextAppend, TextEnd, TextStart, TTSProvider
 from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
 from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished
 from pipeline.logs import configure_logging
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+STDIN_READ = 4096  # bytes read from standard input at a time by `say --stream`
 EXIT_CONFIG = 2  # a setting is invalid: nothing was started
 EXIT_FAILED = 1  # the daemon could not run (e.g. its port is taken)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -65,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send TEXT on a control-only connection, wait for its utterance_finished, print one "
         "summary line. Exits 1 if the daemon reports an error or the utterance was not spoken in full.",
     )
-    say.add_argument("text", metavar="TEXT")
+    say.add_argument("text", metavar="TEXT", nargs="?", help="the text (omit it with --stream)")
+    say.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the text from standard input as it arrives and speak it while it is still being written, "
+        "e.g. `some-llm | speechcast say --stream` (a streaming utterance: text_start/text_append/text_end)",
+    )
     say.add_argument("--url", default=DEFAULT_URL, help=f"daemon WebSocket URL (default {DEFAULT_URL})")
     say.add_argument("--voice", help="voice name of the provider")
     say.add_argument("--speed", type=float, help="speaking speed, 0.25 to 4.0")
@@ -204,14 +212,29 @@ def _fail(message: str) -> int:
 
 
 async def say(args: argparse.Namespace) -> int:
+    if (args.text is None) != args.stream:
+        return _fail("give TEXT, or --stream to read it from standard input (not both)")
     provider = TTSProvider(args.provider) if args.provider is not None else None
-    request = SendMessage(args.text, voice=args.voice, speed=args.speed, provider=provider)
+    request: SendMessage | TextStart = (
+        TextStart(voice=args.voice, speed=args.speed, provider=provider)
+        if args.stream
+        else SendMessage(args.text, voice=args.voice, speed=args.speed, provider=provider)
+    )
     url = with_query(args.url, subscribe="0", token=args.token)
     try:
         with trio.fail_after(args.timeout):
             async with open_websocket_url(url) as ws:
                 await ws.send_message(protocol.encode_command(request))
-                return await _await_spoken(ws)
+                if not args.stream:
+                    return await _await_spoken(ws)
+                async with trio.open_nursery() as nursery:
+                    utterance_id = await _await_accepted(ws)
+                    if utterance_id is None:
+                        return 1
+                    nursery.start_soon(_stream_stdin, ws, utterance_id)
+                    status = await _await_spoken(ws, utterance_id)
+                    nursery.cancel_scope.cancel()  # spoken (or failed): stop reading input
+                    return status
     except trio.TooSlowError:
         return _fail(f"gave up after {args.timeout:g} s without utterance_finished")
     except (OSError, HandshakeError) as e:
@@ -220,8 +243,37 @@ async def say(args: argparse.Namespace) -> int:
         return _fail(f"the daemon closed the connection ({e.reason})")
 
 
-async def _await_spoken(ws: WebSocketConnection) -> int:
-    utterance_id = None
+async def _await_accepted(ws: WebSocketConnection) -> str | None:
+    """The id `accepted` gives a text_start; None (after printing it) on an error."""
+    while True:
+        message = await ws.get_message()
+        if isinstance(message, bytes):
+            continue
+        match protocol.decode_event(message):
+            case Accepted() as accepted:
+                return accepted.utterance_id
+            case ErrorEvent(code=code, message=text):
+                print(f"error {code}: {text}", file=sys.stderr)
+                return None
+
+
+async def _stream_stdin(ws: WebSocketConnection, utterance_id: str) -> None:
+    """Append standard input to the stream as it arrives (UTF-8, split anywhere), then end it."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    async with trio.lowlevel.FdStream(os.dup(sys.stdin.fileno())) as stdin:
+        while data := await stdin.receive_some(STDIN_READ):
+            await _append(ws, utterance_id, decoder.decode(data))
+    await _append(ws, utterance_id, decoder.decode(b"", final=True))
+    await ws.send_message(protocol.encode_command(TextEnd(utterance_id)))
+
+
+async def _append(ws: WebSocketConnection, utterance_id: str, text: str) -> None:
+    for start in range(0, len(text), client_input.MAX_TEXT_CHARS):
+        part = text[start : start + client_input.MAX_TEXT_CHARS]
+        await ws.send_message(protocol.encode_command(TextAppend(utterance_id, part)))
+
+
+async def _await_spoken(ws: WebSocketConnection, utterance_id: str | None = None) -> int:
     errors = 0
     while True:
         message = await ws.get_message()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pipeline import __version__
-from pipeline.commands import SendMessage, TTSProvider
+from pipeline.commands import SendMessage, TextAppend, TextEnd, TextStart, TTSProvider
 from pipeline.events import (
     Accepted,
     AudioFormat,
@@ -116,12 +116,15 @@ def decode_event(text: str) -> ServerEvent | None:
     return event
 
 
-def encode_command(command: SendMessage) -> str:
-    """The text frame a client sends for `command` (the CLI's `say`)."""
-    message: dict[str, Any] = {"type": "send_message", "text": command.text}
-    for name in ("voice", "speed", "provider"):
-        if (value := getattr(command, name)) is not None:
-            message[name] = value
+def encode_command(command: SendMessage | TextStart | TextAppend | TextEnd) -> str:
+    """The text frame a client sends for `command` (the CLI's `say`); fields left at
+    their defaults are left out, except a text_append's text."""
+    kind = {SendMessage: "send_message", TextStart: "text_start", TextAppend: "text_append", TextEnd: "text_end"}
+    message: dict[str, Any] = {"type": kind[type(command)]}
+    for spec in dataclasses.fields(command):
+        value = getattr(command, spec.name)
+        if value != spec.default or isinstance(command, TextAppend) and spec.name == "text":
+            message[spec.name] = value
     return json.dumps(message)
 
 

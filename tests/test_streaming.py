@@ -10,6 +10,7 @@ with the MockClock.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 
 import pytest
 import trio
@@ -27,6 +28,7 @@ from pipeline.events import Status
 from pipeline.flow import Envelope, UtteranceEnd
 from pipeline.text import split_pieces
 from tests.fakes.tts_servers import FakeKokoros
+from tests.serve_process import SPEECHCAST
 from tests.support import (
     Heard,
     HeldVoice,
@@ -214,3 +216,26 @@ async def test_the_text_a_server_is_asked_to_speak_is_the_text_appended(cuts):
     pieces = [piece.strip() for piece in split_pieces(LONG_REPLY)]
     assert sorted(request.json["input"] for request in fake.speech_requests) == sorted(pieces)
     assert " ".join(pieces).split() == LONG_REPLY.split()
+
+
+async def test_say_stream_speaks_standard_input_as_it_arrives():
+    voice = ScriptedProvider()
+    with trio.fail_after(30):
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon:
+            process = await trio.lowlevel.open_process(
+                [str(SPEECHCAST), "say", "--stream", "--url", url(daemon.port)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )
+            assert process.stdin is not None and process.stdout is not None
+            words = "The first sentence is written. Then the second one comes, slowly. End".encode()
+            for start in range(0, len(words), 7):  # split anywhere, even inside a word
+                await process.stdin.send_all(words[start : start + 7])
+            await process.stdin.send_all("é.".encode()[:1])  # split inside a character
+            await process.stdin.send_all("é.".encode()[1:])
+            await process.stdin.aclose()
+            printed = b""
+            while chunk := await process.stdout.receive_some():
+                printed += chunk
+            assert await process.wait() == 0
+    assert " ".join(voice.texts).split() == "The first sentence is written. Then the second one comes, slowly. Endé.".split()
+    assert b" ok: " in printed
