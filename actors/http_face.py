@@ -33,6 +33,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.broadcaster import StatusView
+from actors.http_stream import speak_streamed_body
 from pipeline import __version__, access, client_input, protocol
 from pipeline.commands import Command, TTSProvider
 from pipeline.config import Settings
@@ -238,10 +239,15 @@ class HttpFace:
             return _refuse(503, "not_initialized", "the daemon is shutting down; try again later")
         if (wait := self._rate_limit_wait(request)) is not None:
             return _rate_limited(self.settings, wait)
-        if not _is_json(request.headers.get("content-type")):
-            # Only JSON: a form or text/plain body is what a page on another origin can
-            # send without asking the browser first (a "simple" request).
-            return _refuse(415, "invalid_command", "send the body as Content-Type: application/json")
+        if _media_type(request.headers.get("content-type")) == "text/plain":
+            # A streamed text. (A page on another origin could send text/plain without
+            # asking the browser first, but the Origin check above has refused it.)
+            return await speak_streamed_body(request, self.commands, STATUS_BY_CODE)
+        if _media_type(request.headers.get("content-type")) != "application/json":
+            # Only JSON (or the streamed text/plain above).
+            return _refuse(
+                415, "invalid_command", "send the body as Content-Type: application/json (or text/plain to stream it)"
+            )
         body = bytearray()
         async for part in request.stream():
             body += part
@@ -311,11 +317,9 @@ def _own_origin(request: Request) -> str:
     return f"{request.url.scheme}://{request.headers.get('host', '')}"
 
 
-def _is_json(content_type: str | None) -> bool:
-    """`application/json`, with or without parameters (`; charset=utf-8`)."""
-    if content_type is None:
-        return False
-    return content_type.partition(";")[0].strip().lower() == "application/json"
+def _media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type header, without parameters (`; charset=utf-8`)."""
+    return (content_type or "").partition(";")[0].strip().lower()
 
 
 def _rate_limited(settings: Settings, wait: float) -> Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -239,3 +240,31 @@ async def test_say_stream_speaks_standard_input_as_it_arrives():
             assert await process.wait() == 0
     assert " ".join(voice.texts).split() == "The first sentence is written. Then the second one comes, slowly. Endé.".split()
     assert b" ok: " in printed
+
+
+async def test_a_text_plain_body_is_spoken_while_it_arrives():
+    voice = ScriptedProvider()
+    heard = Heard()
+    reply = "The first sentence arrives early. The second comes later, word by word."
+    sent_second = trio.Event()
+
+    async def body():
+        yield reply[:34].encode()
+        # Not a byte more until the first piece has been heard: proof it is spoken while
+        # the body is still arriving.
+        await receive_until(ws, heard, of_type("utterance_started"))
+        for word in reply[34:].split(" "):
+            yield (word + " ").encode()
+        sent_second.set()
+
+    with trio.fail_after(30):
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+            await receive_until(ws, heard, of_type("hello"))
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.http_port}") as http:
+                response = await http.post(
+                    "/v1/speak?voice=scripted", content=body(), headers={"Content-Type": "text/plain; charset=utf-8"}
+                )
+            done = await receive_until(ws, heard, finished(response.json()["utterance_id"]))
+    assert response.status_code == 202 and response.json()["streaming"] is True
+    assert sent_second.is_set() and done["status"] == "ok"
+    assert " ".join(voice.texts).split() == reply.split()
