@@ -26,6 +26,8 @@ from playwright import sync_api
 
 from pipeline.config import Settings
 from pipeline.daemon import RunningDaemon, serve
+from pipeline.providers.registry import ProviderSet
+from tests.support import RecordingPiper, provider_set
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium keeps dialling out of a closed network.
@@ -50,13 +52,13 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/ch
 
 
 @contextmanager
-def daemon_in_thread(settings: Settings) -> Iterator[RunningDaemon]:
+def daemon_in_thread(settings: Settings, providers: ProviderSet | None = None) -> Iterator[RunningDaemon]:
     """Run the real daemon under trio in a background thread for the block's duration."""
     handed: queue.Queue[Any] = queue.Queue()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            daemon = await nursery.start(serve, settings)
+            daemon = await nursery.start(serve, settings, providers)
             handed.put((daemon, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
 
     def main() -> None:
@@ -151,6 +153,24 @@ def one(events: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return matching[0]
 
 
+def assert_played(state: dict[str, Any], started: dict[str, Any], done: dict[str, Any], *, gapless: bool = True) -> None:
+    """The page decoded and scheduled every chunk of the utterance in order, never two at
+    once, and (`gapless`) each right where the previous one ends. A streamed utterance may
+    have gaps: its text, and so its audio, arrives at typing speed."""
+    chunks = [c for c in state["timeline"] if c["utteranceId"] == done["utterance_id"]]
+    # Every chunk the daemon sent was decoded and scheduled.
+    assert [c["chunkId"] for c in chunks] == list(range(started["first_chunk_id"], done["last_chunk_id"] + 1))
+    assert len(chunks) == done["chunks"]
+    assert all(c["ok"] for c in chunks)
+    assert state["decodeErrors"] == []
+    # Each buffer starts where the previous one ends (or later, when not gapless): no overlap.
+    for before, after in itertools.pairwise(chunks):
+        gap = after["start"] - (before["start"] + before["duration"])
+        assert gap >= -CONTIGUOUS_S and (gap <= CONTIGUOUS_S or not gapless), (before, after)
+    # What was scheduled is as long as what the daemon says it sent.
+    assert abs(sum(c["duration"] for c in chunks) * 1000 - done["audio_ms"]) <= 1
+
+
 @pytest.mark.parametrize("query", ["", "?format=pcm&compress=1"], ids=["wav", "pcm-compressed"])
 def test_the_page_plays_an_utterance_without_gaps(daemon, page, query):
     open_page(page, daemon, query)
@@ -165,17 +185,7 @@ def test_the_page_plays_an_utterance_without_gaps(daemon, page, query):
     assert done["status"] == "ok" and done["ttfa_ms"] > 0
     assert started["format"] == ("pcm" if "pcm" in query else "wav")
 
-    chunks = [c for c in state["timeline"] if c["utteranceId"] == done["utterance_id"]]
-    # Every chunk the daemon sent was decoded and scheduled.
-    assert [c["chunkId"] for c in chunks] == list(range(started["first_chunk_id"], done["last_chunk_id"] + 1))
-    assert len(chunks) == done["chunks"]
-    assert all(c["ok"] for c in chunks)
-    assert state["decodeErrors"] == []
-    # Each buffer starts where the previous one ends: no gap, no overlap.
-    for before, after in itertools.pairwise(chunks):
-        assert abs(after["start"] - (before["start"] + before["duration"])) <= CONTIGUOUS_S, (before, after)
-    # What was scheduled is as long as what the daemon says it sent.
-    assert abs(sum(c["duration"] for c in chunks) * 1000 - done["audio_ms"]) <= 1
+    assert_played(state, started, done)
     # The event log shows the utterance with its TTFA.
     finished_lines = [line["text"] for line in state["log"] if line["utteranceId"] == done["utterance_id"]]
     assert any(f"finished ok: {done['chunks']} chunks" in t and "TTFA" in t for t in finished_lines)
@@ -197,6 +207,40 @@ def test_cancel_stops_the_sound_and_the_daemon_says_cancelled(daemon, page):
     assert done["status"] == "cancelled"
     assert one(state["events"], "cancelled")["utterance_ids"] == [done["utterance_id"]]
     assert state["playing"] == 0
+    assert page.errors == []
+
+
+def test_type_as_you_go_speaks_exactly_what_was_typed(page):
+    piper = RecordingPiper()
+    settings = Settings(port=0, http_port=0)
+    with daemon_in_thread(settings, provider_set(settings, piper)) as daemon:
+        sent: list[dict[str, Any]] = []
+        page.on("websocket", lambda ws: ws.on("framesent", lambda frame: sent.append(json.loads(frame))))
+        open_page(page, daemon, "")
+        page.check("#as-you-type")
+        page.click("#text")
+        page.keyboard.type(TEXT, delay=30)  # a person typing, keystroke by keystroke
+        page.keyboard.press("Enter")
+        wait_for(page, "window.speechcast.log.some((line) => line.kind === 'done')", timeout=WAIT_MS)
+        state = page_state(page)
+        box = page.input_value("#text")
+
+    accepted = one(state["events"], "accepted")
+    started = one(state["events"], "utterance_started")
+    done = one(state["events"], "utterance_finished")
+    assert accepted["streaming"] is True
+    assert started["utterance_id"] == done["utterance_id"] == accepted["utterance_id"]
+    assert done["status"] == "ok" and done["chunks"] > 0
+    assert_played(state, started, done, gapless=False)
+    assert box == ""  # Enter ended the text and cleared the box
+    # The page streamed it: one text_start, appends while typing, one text_end, and the
+    # parts put together are exactly the typed text.
+    kinds = [m["type"] for m in sent]
+    assert kinds[0] == "text_start" and kinds[-1] == "text_end" and kinds.count("text_start") == 1
+    assert kinds.count("text_append") >= 2, kinds
+    assert "".join(m.get("text", "") for m in sent) == TEXT
+    # The voice was asked for the typed words, all of them, in order, once.
+    assert " ".join(text for text, _ in piper.pieces).split() == TEXT.split()
     assert page.errors == []
 
 

@@ -1,8 +1,10 @@
 // The speechcast page: finds the daemon's WebSocket through GET /v1/info, stays connected
 // (reconnecting with backoff), plays the stream with AudioPlayer, and logs every event.
 // Page options: ?format=pcm, ?compress=1, ?token=... (passed on to the WebSocket).
+// "Type as you go" (typing.js) speaks the text box as a streamed utterance while it is typed.
 
 import { AudioPlayer } from "./player.js";
+import { TypeAsYouGo } from "./typing.js";
 
 const RECONNECT_FIRST_S = 0.5;
 const RECONNECT_MAX_S = 10;
@@ -76,6 +78,7 @@ function onEvent(event) {
       log("info", `provider changed to ${event.provider}`);
       break;
     case "accepted":
+      if (event.streaming) typing.accepted(event.utterance_id, $("text").value);
       log("info", `${event.utterance_id} accepted, ${event.position} ahead of it`, event.utterance_id);
       break;
     case "utterance_started":
@@ -84,6 +87,7 @@ function onEvent(event) {
       break;
     case "utterance_finished":
       // Logged once the player has taken every chunk before it (decoded and scheduled).
+      typing.ended(event.utterance_id);
       player.finished(event).then(() => logFinished(event));
       break;
     case "cancelled":
@@ -91,6 +95,8 @@ function onEvent(event) {
       log("info", `cancelled ${event.utterance_ids.join(", ") || "nothing (all quiet)"}`);
       break;
     case "error":
+      if (event.code === "unknown_utterance") typing.lost();
+      else if (!event.utterance_id) typing.refused();
       log("error", `error ${event.code}: ${event.message}`, event.utterance_id);
       break;
     case "closed":
@@ -150,6 +156,7 @@ async function connect() {
   ws.onclose = (close) => {
     if (state.ws !== ws) return;
     state.ws = null;
+    typing.reset();
     log("error", `connection closed (${close.code}${close.reason ? " " + close.reason : ""})`);
     reconnectLater();
   };
@@ -168,15 +175,53 @@ function send(message) {
   return true;
 }
 
+// A provider picked in the list but not the daemon's current one is a one-off choice.
+function chosenProvider() {
+  const provider = $("provider").value;
+  return provider && provider !== state.provider ? { provider } : {};
+}
+
+const typing = new TypeAsYouGo(send, chosenProvider);
+const asYouType = () => $("as-you-type").checked;
+
+// In "type as you go" mode Speak becomes Done: the rest of the box ends the stream.
+function finishTyping() {
+  if (!state.ws) return; // keep the box until the connection is back
+  typing.done($("text").value);
+  $("text").value = "";
+}
+
 $("speak-form").addEventListener("submit", (submit) => {
   submit.preventDefault();
+  player.resume();
+  if (asYouType()) {
+    finishTyping();
+    return;
+  }
   const text = $("text").value;
   if (!text.trim()) return;
-  const message = { type: "send_message", text };
-  const provider = $("provider").value;
-  if (provider && provider !== state.provider) message.provider = provider; // a one-off choice
+  send({ type: "send_message", text, ...chosenProvider() });
+});
+
+$("text").addEventListener("input", () => {
+  if (asYouType()) typing.typed($("text").value);
+});
+
+$("text").addEventListener("keydown", (key) => {
+  if (!asYouType() || key.key !== "Enter" || key.shiftKey || key.isComposing) return;
+  key.preventDefault(); // Enter ends the text instead of starting a new line
   player.resume();
-  send(message);
+  finishTyping();
+});
+
+$("as-you-type").addEventListener("change", () => {
+  const on = asYouType();
+  if (!on && typing.active()) finishTyping(); // switching off ends the stream with the box's rest
+  $("speak").textContent = on ? "Done" : "Speak";
+  $("as-you-type-help").hidden = !on;
+  $("text").placeholder = on
+    ? "Type: your words are spoken as you go. Enter ends the text."
+    : "Type something to say, then press Speak.";
 });
 
 $("cancel").addEventListener("click", () => {
