@@ -195,22 +195,10 @@ def speakable_text(text: Any) -> str:
     punctuation, symbols, emoji or zero-width characters gives a voice nothing to say);
     at most MAX_TEXT_CHARS characters (text_too_long).
     """
-    if not isinstance(text, str):
-        raise CommandError("\"text\" must be a string", code=ErrorCode.INVALID_COMMAND)
-    if len(text) > MAX_TEXT_CHARS:
-        raise CommandError(
-            f"\"text\" has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted",
-            code=ErrorCode.TEXT_TOO_LONG,
-        )
-    if (bad := _FORBIDDEN_IN_TEXT.search(text)) is not None:
-        raise CommandError(
-            f"\"text\" holds {ascii(bad.group())} at position {bad.start()}: control characters "
-            "(other than tab and line breaks) and lone surrogates cannot be spoken",
-            code=ErrorCode.INVALID_COMMAND,
-        )
-    if _SPEAKABLE.search(text) is None:
+    checked = _check_text(text)
+    if _SPEAKABLE.search(checked) is None:
         raise CommandError("\"text\" has nothing to speak: no letter or digit", code=ErrorCode.EMPTY_TEXT)
-    return text
+    return checked
 
 
 def stream_text(text: Any, *, required: bool) -> str:
@@ -218,13 +206,19 @@ def stream_text(text: Any, *, required: bool) -> str:
     MAX_TEXT_CHARS characters with no control character or lone surrogate, as whole texts.
     A part may be only whitespace (appends carry their own spaces); only "" is
     `empty_text`, and only where a part is `required` (text_append)."""
+    if required and text == "":
+        raise CommandError("\"text\" is empty", code=ErrorCode.EMPTY_TEXT)
+    return _check_text(text)
+
+
+def _check_text(text: Any) -> str:
+    """The rules every text or part of one follows: a string, at most MAX_TEXT_CHARS,
+    no control character (but tab, LF, CR) and no lone surrogate; the text."""
     if not isinstance(text, str):
         raise CommandError("\"text\" must be a string", code=ErrorCode.INVALID_COMMAND)
-    if required and not text:
-        raise CommandError("\"text\" is empty", code=ErrorCode.EMPTY_TEXT)
     if len(text) > MAX_TEXT_CHARS:
         raise CommandError(
-            f"\"text\" has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted per part",
+            f"\"text\" has {len(text)} characters; at most {MAX_TEXT_CHARS} are accepted",
             code=ErrorCode.TEXT_TOO_LONG,
         )
     if (bad := _FORBIDDEN_IN_TEXT.search(text)) is not None:
