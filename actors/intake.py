@@ -216,7 +216,8 @@ class Intake:
         except ConnectionClosed as e:
             if peer.ended_because is not None:
                 return peer.ended_because
-            if (violation := getattr(connection, "violation", None)) is not None:
+            violation = connection.violation if isinstance(connection, StrictConnection) else None
+            if violation is not None:
                 return f"protocol violation: closed with {violation.code} ({violation.reason or violation.name})"
             if e.reason is not None and e.reason.code not in (1000, 1001, 1005):
                 return f"closed with {e.reason.code} {e.reason.reason or ''}".strip()

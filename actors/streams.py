@@ -47,12 +47,12 @@ class OpenStreams:
         entry = self._open.get(utterance_id)
         return entry.stream if entry is not None and entry.owner == asker else None
 
-    def end(self, utterance_id: str, text: str = "", *, implied: bool = False) -> None:
+    def end(self, utterance_id: str, *, implied: bool = False) -> None:
         """End the stream (the tail is spoken) and forget it."""
         entry = self._open.pop(utterance_id, None)
         if entry is not None:
             entry.timer.cancel()
-            entry.stream.end(text, implied=implied, now=trio.current_time())
+            entry.stream.end(implied=implied, now=trio.current_time())
 
     def end_all(self, owner: int | None = None) -> None:
         """End every stream `owner` opened (its connection has gone), or every stream."""

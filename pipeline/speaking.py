@@ -286,7 +286,7 @@ async def _synthesize_piece(
     voice: str | None,
     out: trio.MemorySendChannel[bytes | ProviderError],
     after: trio.Event | None,
-    bounds: PieceBounds = PieceBounds(),
+    bounds: PieceBounds,
 ) -> None:
     """Run one provider on one piece in `voice` (None: its default), passing audio (or
     the failure) into `out`; start only once `after` is set (the previous piece is under
@@ -302,7 +302,7 @@ async def _synthesize_piece(
                 if after is not None:
                     await after.wait()
                 job.started.set()
-                speed = _speed(provider, utt)
+                speed = utt.speed or provider.default_speed
                 room = bounds.audio_bytes(job.text, speed, provider.sample_rate)
                 with trio.move_on_after(bounds.deadline(job.text, speed)) as timer:
                     stream: AsyncIterator[bytes] = provider.synthesize(job.text, voice, utt.speed)
@@ -327,9 +327,3 @@ async def _synthesize_piece(
                 job.started.set()
                 job.underway.set()
 
-
-def _speed(provider: Provider, utt: Utterance) -> float:
-    """The speed the piece is spoken at: the utterance's, else the provider's setting."""
-    configured = getattr(provider, "default_speed", None) or getattr(provider, "speed", None)
-    speed = utt.speed or configured
-    return float(speed) if isinstance(speed, (int, float)) and speed > 0 else 1.0

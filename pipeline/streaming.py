@@ -23,8 +23,8 @@ class StreamTooLong(Exception):
 class TextStream:
     """A growing text cut into pieces as soon as each is complete.
 
-    `ended` is set once no more text will come: by `text_end` (`lost` False), or by the
-    stream's end being implied (its connection closed, or no text for
+    `ended` is set once no more text will come: by `text_end`, or by the stream's end
+    being implied (its connection closed, or no text for
     `stream_idle_end_s`): the held tail is then spoken too, and `cut_short` says whether
     there was one, i.e. the reply may have stopped mid-thought (status `partial`).
     """
@@ -51,19 +51,17 @@ class TextStream:
         self.last_text_at = now
         self._release(self._segmenter.append(text), now)
         if flush:
-            self._release(self._segmenter.flush(), now)
+            self.flush(now)
 
     def flush(self, now: float) -> None:
         """Speak the held tail as it is (an idle flush)."""
         self._release(self._segmenter.flush(), now)
 
-    def end(self, text: str = "", *, implied: bool = False, now: float) -> None:
-        """No more text: `text` is the last part; the tail is spoken. `implied`: the client
-        did not say so (its connection closed, or it went quiet)."""
+    def end(self, *, implied: bool = False, now: float) -> None:
+        """No more text: the tail is spoken. `implied`: the client did not say so (its
+        connection closed, or it went quiet)."""
         if self.ended:
             return
-        if text:
-            self.append(text, now=now)
         tail = self._segmenter.flush()
         if implied and any(piece.strip() for piece in tail):
             self.cut_short = True

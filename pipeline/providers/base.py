@@ -26,6 +26,8 @@ class Provider(abc.ABC):
     name: TTSProvider
     sample_rate: int
     default_voice: str
+    # The speaking speed when the client asks for none (a setting of each provider).
+    default_speed: float = 1.0
     # How many pieces may be synthesized at once for one utterance (lookahead).
     max_parallel: int = 1
     # The voices it can speak, when it knows them (the embedded voice does); None: the

@@ -72,7 +72,7 @@ class PiperProvider(Provider):
     known_voices = frozenset({VOICE_NAME})
 
     def __init__(self, speed: float = 1.0, *, workers: int = DEFAULT_WORKERS, memory_mb: int = DEFAULT_MEMORY_MB) -> None:
-        self.speed = speed
+        self.default_speed = speed
         self.workers = workers
         self.memory_mb = memory_mb
         self.max_parallel = workers
@@ -113,7 +113,7 @@ class PiperProvider(Provider):
         context = self._context
         try:
             blocks = await context.run_sync(
-                piper_worker.speak, text, 1.0 / (speed or self.speed), kill_on_cancel=True, limiter=self._limiter
+                piper_worker.speak, text, 1.0 / (speed or self.default_speed), kill_on_cancel=True, limiter=self._limiter
             )
         except trio_parallel.BrokenWorkerError as e:
             self._refill(context)
