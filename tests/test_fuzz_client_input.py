@@ -55,8 +55,15 @@ FIELDS = {
     "provider": st.sampled_from(protocol.PROVIDER_NAMES) | json_values,
     "all": st.booleans() | json_values,
     "stream": json_values,
+    "utterance_id": st.sampled_from(["u1", "u2", ""]) | json_values,
+    "flush": st.booleans() | json_values,
 }
-command_types = st.sampled_from(["send_message", "tts", "initialize", "set_tts_provider", "close", "cancel"]) | json_values
+command_types = (
+    st.sampled_from(
+        ["send_message", "tts", "initialize", "set_tts_provider", "close", "cancel", "text_start", "text_append", "text_end"]
+    )
+    | json_values
+)
 commands = st.builds(lambda kind, rest: {"type": kind, **rest}, command_types, st.fixed_dictionaries({}, optional=FIELDS))
 # Shapes that once hurt, or could: numbers past the int limit, deep nesting, escapes of
 # lone surrogates and NUL, NaN, a BOM.
