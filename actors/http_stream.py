@@ -6,9 +6,11 @@
 The HTTP face calls `speak_streamed_body` after its own checks (origin, token, rate).
 Each request is one streaming utterance: `text_start` when the request begins (`voice`,
 `speed`, `provider` from the query string), a `text_append` per piece of body as it
-arrives, `text_end` at its end; the answer (202 with the utterance id) comes when the
-body has ended, by which time the speech has long started. A client that leaves mid-body
-ends its stream like a WebSocket that closes (status `partial` if text was held).
+arrives, `text_end` at its end. The answer is full duplex: 202 and the utterance id as
+soon as the utterance is accepted, while the body is still arriving; the response ends
+when the body does (with an error line if the stream was refused midway). A client that
+leaves mid-body ends its stream like a WebSocket that closes (status `partial` if text
+was held).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import trio
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from pipeline import client_input, protocol
 from pipeline.commands import Command, Disconnected, TextAppend, TextEnd, TextStart
@@ -39,12 +42,10 @@ ANSWER_TIMEOUT: Final = 30.0
 async def speak_streamed_body(
     request: Request, commands: trio.MemorySendChannel[Envelope], status_by_code: Mapping[str, int]
 ) -> Response:
-    """Speak the body as it arrives; 202 `{"utterance_id", "position", "streaming"}`.
+    """Start the streamed utterance; its response (`StreamedSpeech`) speaks the body.
 
-    Error handling: a refused start gets its error event and status at once; a part that
-    breaks the rules (not UTF-8: `invalid_json`; a control character: `invalid_command`;
-    past max_stream_chars: `text_too_long`) ends the stream (what came before it is
-    spoken) and is answered with that error.
+    Error handling: a refused start (bad query, queue full, closed session...) is answered
+    at once with its error event and status, and nothing is read or spoken.
     """
     owner = next(_OWNERS)
     answers_send, answers = trio.open_memory_channel[ServerEvent](64)
@@ -61,26 +62,64 @@ async def speak_streamed_body(
         accepted = await answers.receive()
     if not isinstance(accepted, Accepted):
         return _error(accepted, status_by_code) if isinstance(accepted, ErrorEvent) else Response(status_code=504)
-    utterance_id = accepted.utterance_id
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        async for data in request.stream():
-            await _append(command, utterance_id, decoder.decode(data))
-            if (refused := _refusal(answers)) is not None:
-                await command(TextEnd(utterance_id))
-                return _error(refused, status_by_code)
-        await _append(command, utterance_id, decoder.decode(b"", final=True))
-    except ClientDisconnect:
-        await command(Disconnected())
-        return Response(status_code=400)  # nobody is there to read it
-    except UnicodeDecodeError:
-        await command(TextEnd(utterance_id))
-        return _error(ErrorEvent(ErrorCode.INVALID_JSON, "the body is not UTF-8 text"), status_by_code)
-    except CommandError as e:
-        await command(TextEnd(utterance_id))
-        return _error(ErrorEvent(e.code, e.message), status_by_code)
-    await command(TextEnd(utterance_id))
-    return JSONResponse({"utterance_id": utterance_id, "position": accepted.position, "streaming": True}, 202)
+    return StreamedSpeech(accepted, command, answers)
+
+
+class StreamedSpeech(Response):
+    """The answer to a streamed `/v1/speak`, sent while the request body still arrives.
+
+    202 with `Content-Type: application/x-ndjson` and the line
+    `{"utterance_id", "position", "streaming": true}` as soon as the utterance is
+    accepted; then the body is read and appended as it arrives, and the response ends
+    when the body does. Error handling: a part that breaks the rules (not UTF-8:
+    `invalid_json`; a control character: `invalid_command`; past max_stream_chars:
+    `text_too_long`) ends the stream (what came before it is spoken), adds the error
+    event as a last line and ends the response without reading the rest; a client that
+    leaves mid-body ends its stream like a WebSocket that closes.
+    """
+
+    def __init__(self, accepted: Accepted, command: Commander, answers: trio.MemoryReceiveChannel[ServerEvent]) -> None:
+        super().__init__(status_code=202, media_type="application/x-ndjson")
+        # The length is unknown until the body ends: the response is chunked.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.accepted = accepted
+        self.command = command
+        self.answers = answers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        accepted = {"utterance_id": self.accepted.utterance_id, "position": self.accepted.position, "streaming": True}
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": _line(accepted), "more_body": True})
+        refused = await self._speak_body(receive)
+        last = b"" if refused is None else protocol.render(refused).encode() + b"\n"
+        await send({"type": "http.response.body", "body": last, "more_body": False})
+
+    async def _speak_body(self, receive: Receive) -> ErrorEvent | None:
+        """Append the body as it arrives, then end the stream; the error that ended it
+        early, if one did."""
+        utterance_id = self.accepted.utterance_id
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    await self.command(Disconnected())
+                    return None  # nobody is there to read an answer
+                await _append(self.command, utterance_id, decoder.decode(message.get("body", b"")))
+                if (refused := _refusal(self.answers)) is not None:
+                    await self.command(TextEnd(utterance_id))
+                    return refused
+                if not message.get("more_body", False):
+                    break
+            await _append(self.command, utterance_id, decoder.decode(b"", final=True))
+        except UnicodeDecodeError:
+            refused = ErrorEvent(ErrorCode.INVALID_JSON, "the body is not UTF-8 text")
+        except CommandError as e:
+            refused = ErrorEvent(e.code, e.message)
+        else:
+            refused = None
+        await self.command(TextEnd(utterance_id))
+        return refused
 
 
 def _text_start(query: Mapping[str, str]) -> TextStart:
@@ -115,6 +154,10 @@ def _refusal(answers: trio.MemoryReceiveChannel[ServerEvent]) -> ErrorEvent | No
     except trio.WouldBlock:
         return None
     return answer if isinstance(answer, ErrorEvent) else None
+
+
+def _line(answer: Mapping[str, object]) -> bytes:
+    return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
 
 
 def _error(event: ErrorEvent, status_by_code: Mapping[str, int]) -> Response:

@@ -10,6 +10,7 @@ with the MockClock.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 
 import httpx
@@ -268,3 +269,63 @@ async def test_a_text_plain_body_is_spoken_while_it_arrives():
     assert response.status_code == 202 and response.json()["streaming"] is True
     assert sent_second.is_set() and done["status"] == "ok"
     assert " ".join(voice.texts).split() == reply.split()
+
+
+async def _read_until(stream: trio.SocketStream, received: bytearray, marker: bytes) -> None:
+    while marker not in received:
+        data = await stream.receive_some()
+        assert data, f"the daemon closed before {marker!r}: {bytes(received)!r}"
+        received += data
+
+
+def _http_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+async def test_a_text_plain_body_is_answered_once_accepted_before_it_ends():
+    # A raw HTTP/1.1 client that reads the answer while it is still sending the body (as
+    # `curl -T -` does): the 202 and the utterance id must come before the body ends.
+    voice = ScriptedProvider()
+    heard = Heard()
+    with trio.fail_after(30):
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+            await receive_until(ws, heard, of_type("hello"))
+            stream = await trio.open_tcp_stream("127.0.0.1", daemon.http_port)
+            await stream.send_all(
+                b"POST /v1/speak?voice=scripted HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n" + _http_chunk(b"The first sentence. ")
+            )
+            received = bytearray()
+            await _read_until(stream, received, b'"streaming":true}\n')
+            head, _, body = bytes(received).partition(b"\r\n\r\n")
+            # Still mid-body: the rest of the text and the body's end are sent only now.
+            await receive_until(ws, heard, of_type("utterance_started"))
+            await stream.send_all(_http_chunk(b"And the last one.") + b"0\r\n\r\n")
+            await _read_until(stream, received, b"\r\n0\r\n\r\n")
+            done = await receive_until(ws, heard, finished())
+            await stream.aclose()
+    assert head.startswith(b"HTTP/1.1 202") and b"application/x-ndjson" in head.lower()
+    assert done["status"] == "ok"
+    assert " ".join(voice.texts).split() == "The first sentence. And the last one.".split()
+
+
+async def test_a_text_plain_body_refused_midway_ends_with_an_error_line_and_its_speech_ends():
+    settings = dataclasses.replace(BASE, max_stream_chars=40)
+    voice = ScriptedProvider()
+    heard = Heard()
+
+    async def body():
+        yield b"A short start. "
+        yield b"x" * 60  # past max_stream_chars: refused whole
+
+    with trio.fail_after(30):
+        async with running_daemon(settings, provider_set(settings, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+            await receive_until(ws, heard, of_type("hello"))
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.http_port}") as http:
+                response = await http.post("/v1/speak?voice=scripted", content=body(), headers={"Content-Type": "text/plain"})
+            done = await receive_until(ws, heard, finished())
+    accepted, refused = (json.loads(line) for line in response.text.splitlines())
+    assert response.status_code == 202 and accepted["streaming"] is True
+    assert refused["type"] == "error" and refused["code"] == "text_too_long"
+    assert done["utterance_id"] == accepted["utterance_id"] and done["status"] == "ok"
+    assert " ".join(voice.texts).split() == "A short start.".split()
