@@ -1,7 +1,7 @@
 """`POST /v1/speak` with `Content-Type: text/plain`: the request body is a streamed text
 (DESIGN.md section 10), spoken while it is still arriving, e.g.
 
-    some-llm | curl -T - -H 'Content-Type: text/plain' http://127.0.0.1:8766/v1/speak
+    some-llm | curl -N -X POST -T - -H 'Content-Type: text/plain' http://127.0.0.1:8766/v1/speak
 
 The HTTP face calls `speak_streamed_body` after its own checks (origin, token, rate).
 Each request is one streaming utterance: `text_start` when the request begins (`voice`,
