@@ -37,7 +37,9 @@ equals the text sent" holds modulo whitespace at piece boundaries (a consumer th
 pieces, as `pipeline.speaking` does, sees exactly the words sent, in order, none split).
 
 Cost: an append that adds no whitespace does nothing but store the text (no new word can
-be complete); any other append re-segments only the held text (from the start of the
+be complete); nor does one whose held text has no character a sentence may end after (no
+boundary, so nothing to decide: a regex scan instead of pysbd); any other append
+re-segments only the held text (from the start of the
 oldest unreleased sentence or of pysbd's open window, whichever is earlier: at most about
 two windows of text, plus a sentence longer than that). Released text is dropped and never
 segmented again. One case is not bounded: a single unbreakable run (no whitespace at all)
@@ -73,6 +75,10 @@ LOOKAHEAD_WORDS = 2
 # words up to FIRST_MAX_WORDS and keeps MIN_WORDS after it, so 13 words fix it.
 _EARLY_FIRST_WORDS = FIRST_MAX_WORDS + MIN_WORDS
 
+# A character that may end a sentence, as far as the held text is concerned: anything but
+# letters, digits, blanks, commas, apostrophes and hyphens (deliberately wide: pysbd ends
+# sentences after . ! ? … 。 and friends, and a newline is counted too).
+_MAY_END = re.compile(r"[^\w \t,'’-]")
 _COMPLETE_WORD = re.compile(r"\S+(?=\s)")
 _WORD = re.compile(r"\S+")
 _WORD_START = re.compile(r"(?<=\s)\S")
@@ -122,6 +128,8 @@ class StreamSegmenter:
         if not could_open_word and not any(c.isspace() for c in text):
             return []  # no word became complete, no window can close: nothing can change
         self._close_windows()
+        if self._nothing_to_decide():
+            return []
         return self._release(final=False)
 
     def flush(self) -> list[str]:
@@ -131,6 +139,17 @@ class StreamSegmenter:
         return released
 
     # --- internals ------------------------------------------------------------------
+
+    def _nothing_to_decide(self) -> bool:
+        """True when no piece can be released yet, known without running pysbd: the held
+        text has no character a sentence may end after and no forced window cut, and the
+        quick first piece is not pending (it counts words, not boundaries). Most appends
+        of a sentence being written are like this; they then cost a regex scan."""
+        if self._short_first and self._at_start and self._done == 0:
+            return False
+        if any(end > self._restart for _, end in self._closed):
+            return False
+        return _MAY_END.search(self._buf, self._restart) is None
 
     def _close_windows(self) -> None:
         """Close every pysbd window whole text would close, exactly as `_sentence_spans`."""
