@@ -29,7 +29,7 @@ from pipeline import protocol
 from pipeline.audio import wav_bytes
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
-from pipeline.events import AudioFormat, Hello
+from pipeline.events import AudioFormat, Hello, UtteranceStarted
 from pipeline.flow import (
     Broadcast,
     FinishNotice,
@@ -44,6 +44,7 @@ from pipeline.flow import (
     SubscriberOptions,
 )
 from pipeline.metrics import Metrics
+from pipeline.opus import OpusTrack
 from pipeline.session import SessionState
 
 log = structlog.get_logger()
@@ -91,12 +92,18 @@ class Broadcaster:
         self._wires: dict[str | bytes, bytes] = {}  # message -> its WebSocket frame, per item
         self._stopped: trio.Event | None = None  # from Shutdown: set once every connection is closed
         self._senders: set[int] = set()  # subscribers whose sender task still runs
+        self.opus = OpusTrack(settings.sample_rate, settings.opus_bitrate)
+        self._opus_payload = b""  # the opus packets of the frame being dispatched
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             async for item in self.inbox:
+                if isinstance(item, Frame):
+                    # Before the frame is dispatched, so order holds; it yields to the loop
+                    # between 20 ms frames (pipeline/opus.py), so fan-out is never held long.
+                    self._opus_payload = await self.opus.encode(item.utterance_id, item.pcm, final=item.is_final)
                 self._dispatch(item)
             nursery.cancel_scope.cancel()
 
@@ -138,10 +145,16 @@ class Broadcaster:
 
     def _started(self, notice: StartNotice) -> None:
         self.speaking = notice
-        per_format = {fmt: protocol.render(notice.event, fmt) for fmt in AudioFormat}
+        per_format = {fmt: self._announcement(notice.event, fmt) for fmt in AudioFormat}
         for sub in list(self.subscribers.values()):
             if sub.options.subscribe or sub.conn_id == notice.owner:
                 self._push(sub, per_format[AudioFormat(sub.options.format)])
+
+    def _announcement(self, event: UtteranceStarted, fmt: AudioFormat) -> str:
+        """utterance_started as a subscriber of format `fmt` gets it."""
+        if fmt is AudioFormat.OPUS:
+            event = dataclasses.replace(event, codec="opus", pre_skip=self.opus.pre_skip)
+        return protocol.render(event, fmt)
 
     def _frame(self, frame: Frame) -> None:
         if frame.utterance_id not in self.first_audio_at and self.speaking is not None:
@@ -160,6 +173,8 @@ class Broadcaster:
 
     def _encode(self, frame: Frame, options: SubscriberOptions) -> bytes:
         """The frame's bytes for one (format, compress) variant."""
+        if options.format == "opus":  # compress does not apply to Opus
+            return protocol.encode_voice_frame(frame.chunk_id, frame.is_final, self._opus_payload)
         audio = wav_bytes(frame.pcm, self.settings.sample_rate) if options.format == "wav" else frame.pcm
         data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, audio)
         return protocol.compress_frame(data) if options.compress else data
@@ -169,6 +184,7 @@ class Broadcaster:
         utt_id = finished.utterance_id
         started = self.speaking if self.speaking and self.speaking.event.utterance_id == utt_id else None
         first_at = self.first_audio_at.pop(utt_id, None)
+        self.opus.end(utt_id)
         if started is not None:
             self.speaking = None
             if first_at is not None:
@@ -205,7 +221,7 @@ class Broadcaster:
         )
         self._push(sub, protocol.render(Hello(self.published.state, self.published.provider.value)))
         if self.speaking is not None and sub.options.subscribe:
-            self._push(sub, protocol.render(self.speaking.event, AudioFormat(sub.options.format)))
+            self._push(sub, self._announcement(self.speaking.event, AudioFormat(sub.options.format)))
         assert self._nursery is not None
         self._senders.add(sub.conn_id)
         self._nursery.start_soon(self._run_sender, sub)
