@@ -166,7 +166,8 @@ class Broadcaster:
         variants: dict[tuple[str, bool], bytes] = {}  # built once per chunk, shared by all
         for sub in list(self.subscribers.values()):
             if sub.options.subscribe:
-                key = (sub.options.format, sub.options.compress)
+                # compress does not apply to Opus: one opus variant whatever a client asked
+                key = (sub.options.format, sub.options.compress and sub.options.format != "opus")
                 if (data := variants.get(key)) is None:
                     data = variants[key] = self._encode(frame, sub.options)
                 self._push(sub, data)
