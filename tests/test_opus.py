@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import subprocess
+import wave
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,7 @@ from tests.fakes.tts_servers import tone as sine
 from tests.support import HeldVoice, RecordingPiper, provider_set, send, tone
 from tests.test_formats import RecordingConnection
 from tests.test_network_daemon import settings_for
+from tests.test_walkthrough import SPEECHCAST, TEXT, LineReader, start_daemon
 
 BASE = Settings(port=0, http_port=0)
 RATE = BASE.sample_rate
@@ -224,3 +228,27 @@ def test_every_chunk_split_and_rate_encodes_the_whole_utterance():
         pcm = opus.decode_utterance(payloads, encoder.pre_skip, rate)
         assert 0 <= len(pcm) - len(audio) <= 2 * rate * 20 // 1000, rate
         assert dataclasses.replace(BASE).opus_bitrate == 32000
+
+
+async def test_listen_format_opus_writes_the_decoded_speech(tmp_path):
+    out = tmp_path / "opus.wav"
+    with trio.fail_after(60):
+        daemon, port = await start_daemon()
+        try:
+            url = f"ws://127.0.0.1:{port}"
+            listen = await trio.lowlevel.open_process(
+                [SPEECHCAST, "listen", "--url", url, "--out", str(out), "--format", "opus"], stderr=subprocess.PIPE
+            )
+            assert (await LineReader(listen.stderr).line()).startswith("listening on")
+            said = await trio.run_process([SPEECHCAST, "say", TEXT, "--url", url], capture_stdout=True)
+            assert await listen.wait() == 0
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    audio_s = float(said.stdout.decode().split(", ")[1].split(" s of audio")[0])
+    with wave.open(str(out)) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 24000)
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").astype(np.float64)
+    assert abs(samples.size / 24000 - audio_s) <= 0.02
+    windows = samples[: samples.size // 480 * 480].reshape(-1, 480)
+    assert (np.sqrt((windows**2).mean(axis=1)) > 500).mean() > 0.5  # speech, not silence
