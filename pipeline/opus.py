@@ -6,13 +6,14 @@ Sits beside the broadcaster: it feeds each chunk's PCM to the utterance's encode
 sends the packets that chunk completed to every opus subscriber. The payload of a chunk
 is its packets, each as `u16 LE length` + packet bytes.
 
-Timing: libopus encodes 20 ms at 24 kHz in ~0.1-0.3 ms (complexity 10, this class of
-machine), so a 200 ms chunk costs 1-3 ms; `encode_chunk` yields to the event loop after
-every 20 ms frame, so the loop is never held for more than one frame's encoding.
+Timing: libopus encodes 20 ms at 24 kHz in ~0.3 ms (complexity 10, this class of
+machine), so a 200 ms chunk costs 3-4 ms of CPU (`python -m bench opus`): more than the
+event loop may be held, so `encode_chunk` runs it in a worker thread.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable
 from typing import Final
@@ -21,6 +22,7 @@ import av
 import numpy as np
 import soxr
 import trio
+import trio.testing
 
 # The input rates libopus accepts; any other daemon rate is resampled to 48 kHz first.
 OPUS_RATES: Final = frozenset({8000, 12000, 16000, 24000, 48000})
@@ -97,8 +99,14 @@ class OpusEncoder:
 
 async def encode_chunk(encoder: OpusEncoder, pcm: bytes, *, final: bool) -> bytes:
     """A chunk's payload: the packets its audio completes (and, on the final chunk, the
-    flushed rest). Yields to the event loop after each 20 ms frame, so a long chunk never
-    holds the loop for more than one frame's encoding (~0.3 ms)."""
+    flushed rest), encoded in a worker thread so the event loop is not held at all
+    (libopus runs with the GIL released: PyAV encodes `nogil`). The caller awaits it, so
+    chunks stay in order.
+
+    Under trio's MockClock (tests) a thread would let the clock jump ahead while libopus
+    runs, so there the encoding stays on the loop, yielding after every 20 ms frame."""
+    if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+        return await trio.to_thread.run_sync(functools.partial(encoder.encode_now, pcm, final=final))
     packets: list[bytes] = []
     for frame in encoder.frames(pcm, final=final):
         packets += encoder.encode_frame(frame)
