@@ -153,7 +153,7 @@ def main() -> None:
     utterances = [speech] * 5
     times = encode_times(settings, utterances)
     total_ms = sum(sum(t) for t, _ in times.values())
-    print(f"\nopus encoding per chunk (libopus via PyAV, CPU time of the encoding itself):\n")
+    print("\nopus encoding per chunk (libopus via PyAV; wall time of the encoding itself, one thread):\n")
     print(f"| {'chunk':>6} | {'chunks':>6} | {'p50 ms':>7} | {'p99 ms':>7} | {'max ms':>7} | {'longest frame ms':>16} |")
     print(f"|{'-' * 8}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 9}|{'-' * 18}|")
     for ms in sorted(times, key=lambda ms: ms if ms > 0 else 10**9):
