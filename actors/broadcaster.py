@@ -93,18 +93,18 @@ class Broadcaster:
         self._stopped: trio.Event | None = None  # from Shutdown: set once every connection is closed
         self._senders: set[int] = set()  # subscribers whose sender task still runs
         self.opus = OpusTrack(settings.sample_rate, settings.opus_bitrate)
-        self._opus_payload = b""  # the opus packets of the frame being dispatched
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             async for item in self.inbox:
-                if isinstance(item, Frame):
-                    # Before the frame is dispatched, so order holds; it yields to the loop
-                    # between 20 ms frames (pipeline/opus.py), so fan-out is never held long.
-                    self._opus_payload = await self.opus.encode(item.utterance_id, item.pcm, final=item.is_final)
                 self._dispatch(item)
+                if isinstance(item, Frame):
+                    # Once every other format is on its way (they never wait for Opus). Awaited
+                    # before the next item, so each utterance's encoder sees every chunk in order.
+                    payload = await self.opus.encode(item.utterance_id, item.pcm, final=item.is_final)
+                    self._opus_frame(item, payload)
             nursery.cancel_scope.cancel()
 
     def status(self) -> StatusView:
@@ -165,17 +165,22 @@ class Broadcaster:
             log.info("utterance.first_audio", utterance_id=frame.utterance_id, ttfa_ms=ttfa_ms)
         variants: dict[tuple[str, bool], bytes] = {}  # built once per chunk, shared by all
         for sub in list(self.subscribers.values()):
-            if sub.options.subscribe:
-                # compress does not apply to Opus: one opus variant whatever a client asked
-                key = (sub.options.format, sub.options.compress and sub.options.format != "opus")
+            if sub.options.subscribe and sub.options.format != AudioFormat.OPUS:
+                key = (sub.options.format, sub.options.compress)
                 if (data := variants.get(key)) is None:
                     data = variants[key] = self._encode(frame, sub.options)
                 self._push(sub, data)
 
+    def _opus_frame(self, frame: Frame, payload: bytes) -> None:
+        """The frame to every opus subscriber: one variant (compress does not apply to Opus)."""
+        self._wires.clear()
+        data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, payload)
+        for sub in list(self.subscribers.values()):
+            if sub.options.subscribe and sub.options.format == AudioFormat.OPUS:
+                self._push(sub, data)
+
     def _encode(self, frame: Frame, options: SubscriberOptions) -> bytes:
         """The frame's bytes for one (format, compress) variant."""
-        if options.format == "opus":  # compress does not apply to Opus
-            return protocol.encode_voice_frame(frame.chunk_id, frame.is_final, self._opus_payload)
         audio = wav_bytes(frame.pcm, self.settings.sample_rate) if options.format == "wav" else frame.pcm
         data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, audio)
         return protocol.compress_frame(data) if options.compress else data
