@@ -21,6 +21,7 @@ from actors.intake import HandshakeError, parse_options
 from pipeline import opus, protocol
 from pipeline.config import ConfigError, Settings, load_settings
 from pipeline.daemon import running_daemon
+from pipeline.events import AudioFormat, UtteranceStarted
 from pipeline.flow import Frame, Join, SubscriberOptions
 from tests.fakes.tts_servers import FakeKokoros
 from tests.fakes.tts_servers import tone as sine
@@ -252,3 +253,12 @@ async def test_listen_format_opus_writes_the_decoded_speech(tmp_path):
     assert abs(samples.size / 24000 - audio_s) <= 0.02
     windows = samples[: samples.size // 480 * 480].reshape(-1, 480)
     assert (np.sqrt((windows**2).mean(axis=1)) > 500).mean() > 0.5  # speech, not silence
+
+
+def test_utterance_started_carries_codec_and_pre_skip_for_opus_only():
+    started = UtteranceStarted("u1", "piper", "joe", 24000, 7)
+    opus_started = dataclasses.replace(started, codec="opus", pre_skip=312)
+    as_opus = json.loads(protocol.render(opus_started, AudioFormat.OPUS))
+    assert (as_opus["format"], as_opus["codec"], as_opus["pre_skip"], as_opus["sample_rate"]) == ("opus", "opus", 312, 24000)
+    assert not {"codec", "pre_skip"} & set(json.loads(protocol.render(started, AudioFormat.PCM)))
+    assert protocol.decode_event(protocol.render(opus_started, AudioFormat.OPUS)) == opus_started
