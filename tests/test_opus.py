@@ -21,8 +21,10 @@ from actors.intake import HandshakeError, parse_options
 from pipeline import opus, protocol
 from pipeline.config import ConfigError, Settings, load_settings
 from pipeline.daemon import running_daemon
+from pipeline.errors import ProviderFailed
 from pipeline.events import AudioFormat, UtteranceStarted
 from pipeline.flow import Frame, Join, SubscriberOptions
+from pipeline.providers.openai_compat import kokoros_provider
 from tests.fakes.tts_servers import FakeKokoros
 from tests.fakes.tts_servers import tone as sine
 from tests.support import HeldVoice, RecordingPiper, provider_set, send, tone
@@ -262,3 +264,35 @@ def test_utterance_started_carries_codec_and_pre_skip_for_opus_only():
     assert (as_opus["format"], as_opus["codec"], as_opus["pre_skip"], as_opus["sample_rate"]) == ("opus", "opus", 312, 24000)
     assert not {"codec", "pre_skip"} & set(json.loads(protocol.render(started, AudioFormat.PCM)))
     assert protocol.decode_event(protocol.render(opus_started, AudioFormat.OPUS)) == opus_started
+
+
+class BreakingPiper(RecordingPiper):
+    """The real embedded voice, whose first piece breaks off after its first audio."""
+
+    async def synthesize(self, text, voice, speed):
+        broke = bool(self.pieces)
+        async for pcm in super().synthesize(text, voice, speed):
+            yield pcm
+            if not broke:
+                raise ProviderFailed("the voice broke off")
+
+
+async def test_a_failover_from_piper_to_an_http_voice_gives_one_decodable_opus_stream():
+    fake = FakeKokoros(pcm=sine(600))
+    text = "The embedded voice starts this sentence. The Kokoros server speaks the second one. And the third."
+
+    async def speak(control, _pcm: Listener) -> None:
+        await send(control, type="send_message", text=text)
+
+    with trio.fail_after(60):
+        async with fake.running() as url:
+            settings = dataclasses.replace(settings_for(url, fallback=("kokoros",)), provider="piper")
+            piper = BreakingPiper()
+            async with running_daemon(settings, provider_set(settings, piper, kokoros_provider(settings))) as daemon:
+                pcm, ogg = await hear(daemon.port, speak)
+    assert pcm.started["provider"] == "piper" and pcm.finished["status"] == "partial"
+    assert fake.speech_requests  # the HTTP voice spoke the rest
+    assert_same_utterance(pcm, ogg)
+    a, b = envelope(pcm.pcm()), envelope(ogg.pcm())
+    n = min(len(a), len(b))
+    assert float(np.corrcoef(a[:n], b[:n])[0, 1]) >= 0.9
