@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from actors.broadcaster import Broadcaster
@@ -296,3 +298,15 @@ async def test_a_failover_from_piper_to_an_http_voice_gives_one_decodable_opus_s
     a, b = envelope(pcm.pcm()), envelope(ogg.pcm())
     n = min(len(a), len(b))
     assert float(np.corrcoef(a[:n], b[:n])[0, 1]) >= 0.9
+
+
+@given(st.lists(st.binary(max_size=1275), max_size=12))
+def test_a_payload_splits_back_into_its_packets(packets):
+    assert opus.split_payload(opus.payload(packets)) == packets
+
+
+@given(st.binary(min_size=1, max_size=40))
+def test_a_payload_cut_short_is_refused_not_misread(data):
+    payload = opus.payload([data])
+    with pytest.raises(ValueError):
+        opus.split_payload(payload[:-1])
