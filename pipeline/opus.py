@@ -21,8 +21,11 @@ from typing import Final
 import av
 import numpy as np
 import soxr
+import structlog
 import trio
 import trio.testing
+
+log = structlog.get_logger()
 
 # The input rates libopus accepts; any other daemon rate is resampled to 48 kHz first.
 OPUS_RATES: Final = frozenset({8000, 12000, 16000, 24000, 48000})
@@ -198,10 +201,19 @@ class OpusTrack:
         self._encoder: OpusEncoder | None = None
 
     async def encode(self, utterance_id: str, pcm: bytes, *, final: bool) -> bytes:
-        """The payload of the utterance's next chunk (the final one carries the flush)."""
+        """The payload of the utterance's next chunk (the final one carries the flush).
+
+        Error handling: if libopus fails (not seen in practice), the chunk goes out with
+        no packets, `opus.encode_failed` is logged and the next chunk starts a new encoder
+        (a decoder takes that like a late joiner's stream); nothing else is affected.
+        """
         if self._encoder is None or self._utterance != utterance_id:
             self._utterance, self._encoder = utterance_id, OpusEncoder(self.sample_rate, self.bitrate)
-        data = await encode_chunk(self._encoder, pcm, final=final)
+        try:
+            data = await encode_chunk(self._encoder, pcm, final=final)
+        except av.error.FFmpegError as e:
+            log.error("opus.encode_failed", utterance_id=utterance_id, error=str(e))
+            self._encoder, data = None, b""
         if final:
             self.end(utterance_id)
         return data

@@ -11,11 +11,13 @@ import wave
 from dataclasses import dataclass, field
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 from trio_websocket import open_websocket_url
 
 from actors.broadcaster import Broadcaster
@@ -232,7 +234,6 @@ def test_every_chunk_split_and_rate_encodes_the_whole_utterance():
         ]
         pcm = opus.decode_utterance(payloads, encoder.pre_skip, rate)
         assert 0 <= len(pcm) - len(audio) <= 2 * rate * 20 // 1000, rate
-        assert dataclasses.replace(BASE).opus_bitrate == 32000
 
 
 async def test_listen_format_opus_writes_the_decoded_speech(tmp_path):
@@ -310,3 +311,43 @@ def test_a_payload_cut_short_is_refused_not_misread(data):
     payload = opus.payload([data])
     with pytest.raises(ValueError):
         opus.split_payload(payload[:-1])
+
+
+async def test_a_libopus_failure_costs_one_opus_chunk_and_nothing_else(monkeypatch):
+    real = opus.encode_chunk
+    calls = []
+
+    async def failing_once(encoder, pcm, *, final):
+        calls.append(final)
+        if len(calls) == 1:
+            raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+        return await real(encoder, pcm, final=final)
+
+    class ThreeFrames(RecordingConnection):
+        def __init__(self) -> None:
+            super().__init__()
+            self.all_in = trio.Event()
+
+        async def send_message(self, data: str | bytes) -> None:
+            await super().send_message(data)
+            if len([d for d in self.sent if isinstance(d, bytes)]) == 3:
+                self.all_in.set()
+
+    monkeypatch.setattr(opus, "encode_chunk", failing_once)
+    inbox_send, inbox_recv = trio.open_memory_channel(100)
+    ogg, pcm = ThreeFrames(), RecordingConnection()
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Broadcaster(BASE, inbox_recv).run)
+            await inbox_send.send(Join(0, ogg, SubscriberOptions(format="opus")))
+            await inbox_send.send(Join(1, pcm, SubscriberOptions(format="pcm")))
+            for chunk_id in range(3):
+                await inbox_send.send(Frame("u1", chunk_id, chunk_id == 2, tone(4800, value=0)))
+            with trio.fail_after(10):
+                await ogg.all_in.wait()
+            nursery.cancel_scope.cancel()
+    frames = [protocol.decode_voice_frame(d) for d in ogg.sent if isinstance(d, bytes)]
+    assert [(f.chunk_id, f.is_final) for f in frames] == [(0, False), (1, False), (2, True)]
+    assert [len(opus.split_payload(f.audio)) for f in frames] == [0, 10, 11]
+    assert len([d for d in pcm.sent if isinstance(d, bytes)]) == 3
+    assert [e["event"] for e in logs if e["event"].startswith("opus.")] == ["opus.encode_failed"]
