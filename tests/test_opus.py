@@ -335,7 +335,7 @@ async def test_a_libopus_failure_costs_one_opus_chunk_and_nothing_else(monkeypat
 
     monkeypatch.setattr(opus, "encode_chunk", failing_once)
     inbox_send, inbox_recv = trio.open_memory_channel(100)
-    ogg, pcm = ThreeFrames(), RecordingConnection()
+    ogg, pcm = ThreeFrames(), ThreeFrames()
     with capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             await nursery.start(Broadcaster(BASE, inbox_recv).run)
@@ -345,6 +345,7 @@ async def test_a_libopus_failure_costs_one_opus_chunk_and_nothing_else(monkeypat
                 await inbox_send.send(Frame("u1", chunk_id, chunk_id == 2, tone(4800, value=0)))
             with trio.fail_after(10):
                 await ogg.all_in.wait()
+                await pcm.all_in.wait()
             nursery.cancel_scope.cancel()
     frames = [protocol.decode_voice_frame(d) for d in ogg.sent if isinstance(d, bytes)]
     assert [(f.chunk_id, f.is_final) for f in frames] == [(0, False), (1, False), (2, True)]
