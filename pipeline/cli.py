@@ -30,7 +30,6 @@ from pipeline.commands import SendMessage, TextAppend, TextEnd, TextStart, TTSPr
 from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
 from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished, UtteranceStarted
 from pipeline.logs import configure_logging
-from pipeline.opus import decode_utterance
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 STDIN_READ = 4096  # bytes read from standard input at a time by `say --stream`
@@ -329,6 +328,8 @@ async def listen(args: argparse.Namespace) -> int:
                     started, payloads = event, []
                 if isinstance(event, UtteranceFinished):
                     if started is not None and started.codec == "opus":
+                        from pipeline.opus import decode_utterance  # PyAV takes ~0.3 s to import: only here
+
                         rate = started.sample_rate
                         pcm += decode_utterance(payloads, started.pre_skip or 0, rate)[: event.audio_ms * rate // 1000 * 2]
                     done += 1

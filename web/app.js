@@ -2,7 +2,7 @@
 // (reconnecting with backoff), plays the stream with AudioPlayer, and logs every event.
 // Page options: ?format=opus|pcm|wav, ?compress=1, ?token=... (passed on to the WebSocket).
 // Without ?format the page asks for Opus when the browser decodes it with WebCodecs (a
-// fifteenth of PCM's bytes), else for pcm; ?format=opus falls back to pcm the same way.
+// twelfth of PCM's bytes), else for pcm; ?format=opus falls back to pcm the same way.
 // "Type as you go" (typing.js) speaks the text box as a streamed utterance while it is typed.
 
 import { opusSupported } from "./opus.js";
