@@ -29,7 +29,7 @@ from pipeline import protocol
 from pipeline.audio import wav_bytes
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
-from pipeline.events import AudioFormat, Hello
+from pipeline.events import AudioFormat, Hello, UtteranceStarted
 from pipeline.flow import (
     Broadcast,
     FinishNotice,
@@ -44,6 +44,7 @@ from pipeline.flow import (
     SubscriberOptions,
 )
 from pipeline.metrics import Metrics
+from pipeline.opus import OpusTrack
 from pipeline.session import SessionState
 
 log = structlog.get_logger()
@@ -91,6 +92,7 @@ class Broadcaster:
         self._wires: dict[str | bytes, bytes] = {}  # message -> its WebSocket frame, per item
         self._stopped: trio.Event | None = None  # from Shutdown: set once every connection is closed
         self._senders: set[int] = set()  # subscribers whose sender task still runs
+        self.opus = OpusTrack(settings.sample_rate, settings.opus_bitrate)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self.inbox, trio.open_nursery() as nursery:
@@ -98,6 +100,11 @@ class Broadcaster:
             task_status.started()
             async for item in self.inbox:
                 self._dispatch(item)
+                if isinstance(item, Frame):
+                    # Once every other format is on its way (they never wait for Opus). Awaited
+                    # before the next item, so each utterance's encoder sees every chunk in order.
+                    payload = await self.opus.encode(item.utterance_id, item.pcm, final=item.is_final)
+                    self._opus_frame(item, payload)
             nursery.cancel_scope.cancel()
 
     def status(self) -> StatusView:
@@ -138,10 +145,16 @@ class Broadcaster:
 
     def _started(self, notice: StartNotice) -> None:
         self.speaking = notice
-        per_format = {fmt: protocol.render(notice.event, fmt) for fmt in AudioFormat}
+        per_format = {fmt: self._announcement(notice.event, fmt) for fmt in AudioFormat}
         for sub in list(self.subscribers.values()):
             if sub.options.subscribe or sub.conn_id == notice.owner:
                 self._push(sub, per_format[AudioFormat(sub.options.format)])
+
+    def _announcement(self, event: UtteranceStarted, fmt: AudioFormat) -> str:
+        """utterance_started as a subscriber of format `fmt` gets it."""
+        if fmt is AudioFormat.OPUS:
+            event = dataclasses.replace(event, codec="opus", pre_skip=self.opus.pre_skip)
+        return protocol.render(event, fmt)
 
     def _frame(self, frame: Frame) -> None:
         if frame.utterance_id not in self.first_audio_at and self.speaking is not None:
@@ -152,10 +165,18 @@ class Broadcaster:
             log.info("utterance.first_audio", utterance_id=frame.utterance_id, ttfa_ms=ttfa_ms)
         variants: dict[tuple[str, bool], bytes] = {}  # built once per chunk, shared by all
         for sub in list(self.subscribers.values()):
-            if sub.options.subscribe:
+            if sub.options.subscribe and sub.options.format != AudioFormat.OPUS:
                 key = (sub.options.format, sub.options.compress)
                 if (data := variants.get(key)) is None:
                     data = variants[key] = self._encode(frame, sub.options)
+                self._push(sub, data)
+
+    def _opus_frame(self, frame: Frame, payload: bytes) -> None:
+        """The frame to every opus subscriber: one variant (compress does not apply to Opus)."""
+        self._wires.clear()
+        data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, payload)
+        for sub in list(self.subscribers.values()):
+            if sub.options.subscribe and sub.options.format == AudioFormat.OPUS:
                 self._push(sub, data)
 
     def _encode(self, frame: Frame, options: SubscriberOptions) -> bytes:
@@ -169,6 +190,7 @@ class Broadcaster:
         utt_id = finished.utterance_id
         started = self.speaking if self.speaking and self.speaking.event.utterance_id == utt_id else None
         first_at = self.first_audio_at.pop(utt_id, None)
+        self.opus.end(utt_id)
         if started is not None:
             self.speaking = None
             if first_at is not None:
@@ -205,7 +227,7 @@ class Broadcaster:
         )
         self._push(sub, protocol.render(Hello(self.published.state, self.published.provider.value)))
         if self.speaking is not None and sub.options.subscribe:
-            self._push(sub, protocol.render(self.speaking.event, AudioFormat(sub.options.format)))
+            self._push(sub, self._announcement(self.speaking.event, AudioFormat(sub.options.format)))
         assert self._nursery is not None
         self._senders.add(sub.conn_id)
         self._nursery.start_soon(self._run_sender, sub)

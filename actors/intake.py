@@ -69,15 +69,17 @@ def _options(path: str) -> SubscriberOptions:
         raise HandshakeError(404, f"no WebSocket endpoint at {url.path}; connect to /")
     query = dict(urllib.parse.parse_qsl(url.query))
     fmt = query.get("format", "wav")
-    if fmt not in ("wav", "pcm"):
-        raise HandshakeError(400, f"format must be wav or pcm, not {fmt[:20]!r}")
+    if fmt not in ("wav", "pcm", "opus"):
+        raise HandshakeError(400, f"format must be wav, pcm or opus, not {fmt[:20]!r}")
     flags = {}
     for name, default in (("compress", "0"), ("subscribe", "1")):
         value = query.get(name, default)
         if value not in ("0", "1"):
             raise HandshakeError(400, f"{name} must be 0 or 1, not {value[:20]!r}")
         flags[name] = value == "1"
-    return SubscriberOptions(format=fmt, compress=flags["compress"], subscribe=flags["subscribe"], token=query.get("token"))
+    # compress=1 is accepted with opus and ignored: zlib gains nothing on Opus (DESIGN.md 12).
+    compress = flags["compress"] and fmt != "opus"
+    return SubscriberOptions(format=fmt, compress=compress, subscribe=flags["subscribe"], token=query.get("token"))
 
 
 class Intake:

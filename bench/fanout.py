@@ -11,6 +11,11 @@ disconnects (close 1013), the server's CPU while streaming (from /proc, in % of 
 core) and this client process's CPU (both share the machine's cores). Target: 1000
 subscribers with p99 under 100 ms, nothing lost, at least the reference's capacity.
 
+In the same run, at `--opus-counts` (1000 and 2000), the daemon again with every
+subscriber on `format=opus`: an opus frame carries no readable stamp, so one extra
+`format=pcm` subscriber (not counted) tells each chunk id's due time. Target: p99 with
+opus no worse than with wav.
+
     python -m bench fanout                      # the defaults below
     python -m bench.fanout --counts 100,1000 --rate 10 --seconds 5
 """
@@ -39,10 +44,12 @@ from websockets.exceptions import ConnectionClosed
 from bench import fanout_servers
 
 COUNTS = (100, 500, 1000, 2000)
+OPUS_COUNTS = (1000, 2000)
 # Chunk id at byte 4 of a frame; the stamp at the start of the PCM, after the 9-byte
 # frame header and the 44-byte WAV header.
 CHUNK_ID = struct.Struct("<I")
 STAMP_OFFSET = 9 + 44
+PCM_STAMP_OFFSET = 9  # format=pcm: no WAV header
 # Connections opened at once while setting up (a burst of thousands only measures the
 # accept backlog).
 CONNECT_PARALLEL = 100
@@ -59,6 +66,9 @@ class Listener:
 
     lags_ns: list[int] = field(default_factory=list)
     chunk_ids: list[int] = field(default_factory=list)
+    received_ns: list[int] = field(default_factory=list)  # format=opus: lags come from the witness
+    stamps: dict[int, int] = field(default_factory=dict)  # the witness: chunk id -> due time
+    bytes: int = 0
     close_code: int | None = None
     finished: bool = False
 
@@ -73,6 +83,7 @@ class RunResult:
     slow_closed: int
     server_cpu: float  # % of one core while streaming
     client_cpu: float
+    bytes_per_chunk: float = 0.0  # VOICE_DATA bytes one subscriber received per chunk
 
     @property
     def meets_target(self) -> bool:
@@ -91,14 +102,22 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def listen(ws, listener: Listener, ready: asyncio.Event) -> None:
-    """Record every chunk's lag and id until the end-of-stream event or a close."""
+async def listen(ws, listener: Listener, ready: asyncio.Event, stamp_at: int | None = STAMP_OFFSET) -> None:
+    """Record every chunk's lag (its stamp at `stamp_at`; None: its arrival time only)
+    and id until the end-of-stream event or a close."""
     try:
         async for message in ws:
             if isinstance(message, bytes):
                 now = time.monotonic_ns()
-                listener.lags_ns.append(now - int.from_bytes(message[STAMP_OFFSET : STAMP_OFFSET + 8], "little"))
-                listener.chunk_ids.append(CHUNK_ID.unpack_from(message, 4)[0])
+                chunk_id = CHUNK_ID.unpack_from(message, 4)[0]
+                listener.bytes += len(message)
+                if stamp_at is None:
+                    listener.received_ns.append(now)
+                else:
+                    stamp = int.from_bytes(message[stamp_at : stamp_at + 8], "little")
+                    listener.lags_ns.append(now - stamp)
+                    listener.stamps[chunk_id] = stamp
+                listener.chunk_ids.append(chunk_id)
             elif '"utterance_finished"' in message:
                 listener.finished = True
                 return
@@ -113,18 +132,23 @@ async def measure(server: str, port: int, pid: int, count: int, frames: int, sec
     base = f"ws://127.0.0.1:{port}"
     gate = asyncio.Semaphore(CONNECT_PARALLEL)
     listeners = [Listener() for _ in range(count)]
+    opus = server == "daemon-opus"
+    witness = Listener()  # format=opus only: the due time of each chunk id
     sockets = []
     tasks = []
 
-    async def open_one(listener: Listener) -> None:
+    async def open_one(listener: Listener, path: str, stamp_at: int | None) -> None:
         async with gate:
-            ws = await connect(base + "/", compression=None, max_size=2**20, open_timeout=30)
+            ws = await connect(base + path, compression=None, max_size=2**20, open_timeout=30)
             ready = asyncio.Event()
             sockets.append(ws)
-            tasks.append(asyncio.create_task(listen(ws, listener, ready)))
+            tasks.append(asyncio.create_task(listen(ws, listener, ready, stamp_at)))
             await ready.wait()
 
-    await asyncio.gather(*(open_one(listener) for listener in listeners))
+    if opus:
+        await open_one(witness, "/?format=pcm", PCM_STAMP_OFFSET)
+    path, stamp_at = ("/?format=opus", None) if opus else ("/", STAMP_OFFSET)
+    await asyncio.gather(*(open_one(listener, path, stamp_at) for listener in listeners))
     await asyncio.sleep(SETTLE_SECONDS)
     control_path = "/control" if server == "reference" else "/?subscribe=0"
     async with connect(base + control_path, compression=None) as control:
@@ -138,7 +162,15 @@ async def measure(server: str, port: int, pid: int, count: int, frames: int, sec
     for task in tasks:
         task.cancel()
 
+    if opus:
+        for listener in listeners:
+            listener.lags_ns = [
+                now - witness.stamps[chunk_id]
+                for chunk_id, now in zip(listener.chunk_ids, listener.received_ns)
+                if chunk_id in witness.stamps
+            ]
     lags = np.fromiter((lag for listener in listeners for lag in listener.lags_ns), dtype=np.int64)
+    received = sum(len(listener.chunk_ids) for listener in listeners)
     lost = sum(frames - len(set(listener.chunk_ids)) for listener in listeners)
     return RunResult(
         server=server,
@@ -149,6 +181,7 @@ async def measure(server: str, port: int, pid: int, count: int, frames: int, sec
         slow_closed=sum(listener.close_code == 1013 for listener in listeners),
         server_cpu=server_cpu,
         client_cpu=client_cpu,
+        bytes_per_chunk=sum(listener.bytes for listener in listeners) / received if received else 0.0,
     )
 
 
@@ -205,12 +238,13 @@ def print_table(results: list[RunResult], rate: float, frames: int) -> None:
     print(f"\nfan-out: {frames} chunks of {fanout_servers.CHUNK_MS} ms ({fanout_servers.CHUNK_BYTES + 53} bytes) "
           f"at {rate:g}/s per subscriber; {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
     print("lag = chunk due to be broadcast -> received; cpu = % of one core while streaming\n")
+    by_key = {(r.server, r.subscribers): r for r in results}
+    print_opus(by_key)
     header = (f"{'N':>5} | {'daemon p50':>10} {'p99':>7} {'lost':>5} {'slow':>4} {'cpu':>5} {'client':>6} | "
               f"{'ref p50':>8} {'p99':>7} {'lost':>5} {'cpu':>5} {'client':>6} | {'p99 ratio':>9} {'cpu ratio':>9}")
     print(header)
     print("-" * len(header))
-    by_key = {(r.server, r.subscribers): r for r in results}
-    for count in sorted({r.subscribers for r in results}):
+    for count in sorted({r.subscribers for r in results if r.server == "reference"}):
         d, ref = by_key[("daemon", count)], by_key[("reference", count)]
         print(
             f"{count:>5} | {d.p50_ms:>8.1f}ms {d.p99_ms:>5.1f}ms {d.lost:>5} {d.slow_closed:>4} {d.server_cpu:>4.0f}% "
@@ -222,6 +256,25 @@ def print_table(results: list[RunResult], rate: float, frames: int) -> None:
     print(f"\ncapacity (largest N with p99 < {TARGET_P99_MS:g} ms, nothing lost): daemon {daemon_cap}, "
           f"reference {reference_cap}; target: 1000 and at least the reference -> "
           f"{'met' if daemon_cap >= max(1000, reference_cap) else 'NOT met'}")
+
+
+def print_opus(by_key: dict[tuple[str, int], RunResult]) -> None:
+    """The daemon with every subscriber on format=wav against format=opus, same run."""
+    counts = sorted(n for server, n in by_key if server == "daemon-opus" and ("daemon", n) in by_key)
+    if not counts:
+        return
+    print("format=wav against format=opus (the daemon, same run; bytes = one subscriber's per chunk):\n")
+    header = (f"{'N':>5} | {'wav p50':>8} {'p99':>7} {'lost':>4} {'cpu':>5} {'bytes':>6} | "
+              f"{'opus p50':>8} {'p99':>7} {'lost':>4} {'cpu':>5} {'bytes':>6} | {'p99 ratio':>9} {'cpu ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    for count in counts:
+        w, o = by_key[("daemon", count)], by_key[("daemon-opus", count)]
+        print(f"{count:>5} | {w.p50_ms:>6.1f}ms {w.p99_ms:>5.1f}ms {w.lost:>4} {w.server_cpu:>4.0f}% {w.bytes_per_chunk:>6.0f} | "
+              f"{o.p50_ms:>6.1f}ms {o.p99_ms:>5.1f}ms {o.lost:>4} {o.server_cpu:>4.0f}% {o.bytes_per_chunk:>6.0f} | "
+              f"{o.p99_ms / w.p99_ms:>9.2f} {o.server_cpu / w.server_cpu:>9.2f}")
+    worse = [n for n in counts if by_key[("daemon-opus", n)].p99_ms > by_key[("daemon", n)].p99_ms]
+    print(f"\ntarget: opus p99 no worse than wav -> {'met' if not worse else 'NOT met at N=' + ','.join(map(str, worse))}\n")
 
 
 def export_tree(ref: str) -> str:
@@ -253,17 +306,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--counts", default=",".join(map(str, COUNTS)), help="subscriber counts, comma-separated")
     parser.add_argument("--rate", type=float, default=10.0, help="chunks per second (5 = real time for 200 ms chunks)")
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each stream in seconds")
-    parser.add_argument("--only", choices=("daemon", "reference"), help="measure one server only")
+    parser.add_argument("--only", choices=("daemon", "reference", "daemon-opus"), help="measure one server only")
+    parser.add_argument("--opus-counts", default=",".join(map(str, OPUS_COUNTS)),
+                        help="subscriber counts also measured with format=opus (empty: none)")
     parser.add_argument("--baseline", metavar="GIT_REF",
                         help="also measure the daemon as it was at this commit (before/after table)")
     args = parser.parse_args(argv or [])
     baseline = export_tree(args.baseline) if args.baseline else None
     counts = [int(c) for c in args.counts.split(",")]
+    opus_counts = [int(c) for c in args.opus_counts.split(",") if c]
     frames = max(2, round(args.rate * args.seconds))
     raise_open_files_limit(2 * max(counts) + 256)
     results = []
-    for count in counts:
-        for server in ("baseline", "daemon", "reference") if baseline else ("daemon", "reference"):
+    for count in sorted(set(counts) | set(opus_counts)):
+        servers = ["baseline"] * bool(baseline) + ["daemon", "reference"] * (count in counts)
+        servers += ["daemon-opus"] * (count in opus_counts)
+        if count in opus_counts and count not in counts:
+            servers.insert(0, "daemon")  # opus is compared with wav at the same N
+        for server in servers:
             if args.only not in (None, server):
                 continue
             result = run_one(server, count, frames, args.rate, baseline)
@@ -271,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"lost {result.lost}  slow {result.slow_closed}  cpu {result.server_cpu:.0f}%", flush=True)
             results.append(result)
     if args.only is None:
-        print_table([r for r in results if r.server != "baseline"], args.rate, frames)
+        print_table([r for r in results if r.server in ("daemon", "reference", "daemon-opus")], args.rate, frames)
     if baseline:
         print_before_after(results, args.baseline)
 

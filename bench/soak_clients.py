@@ -225,7 +225,7 @@ async def _reset(stream: trio.SocketStream) -> None:
 
 async def vanishing(port: int, rng: random.Random, ledger: Ledger) -> None:
     """Subscribe, read for up to 2 s, then leave without a close handshake."""
-    path = rng.choice(("/", "/?format=pcm", "/?compress=1", "/?format=pcm&compress=1"))
+    path = rng.choice(("/", "/?format=pcm", "/?compress=1", "/?format=pcm&compress=1", "/?format=opus"))
     try:
         stream, _ = await _raw_connect(port, path)
     except OSError:

@@ -28,7 +28,7 @@ from pipeline import __version__, client_input, protocol
 from pipeline.audio import read_wav
 from pipeline.commands import SendMessage, TextAppend, TextEnd, TextStart, TTSProvider
 from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
-from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished
+from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished, UtteranceStarted
 from pipeline.logs import configure_logging
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--out", required=True, metavar="FILE.wav", help="WAV file to write")
     listen.add_argument("--count", type=int, default=1, help="utterances to record (default 1)")
     listen.add_argument("--token", help="listen token, when the daemon requires one")
+    listen.add_argument(
+        "--format", choices=("wav", "opus"), default="wav", help="what to receive: WAV chunks, or Opus (decoded here)"
+    )
 
     config = commands.add_parser(
         "config",
@@ -299,15 +302,20 @@ async def _await_spoken(ws: WebSocketConnection, utterance_id: str | None = None
 async def listen(args: argparse.Namespace) -> int:
     if args.count < 1:
         return _fail("--count must be at least 1")
-    url = with_query(args.url, format="wav", token=args.token)
+    url = with_query(args.url, format=args.format, token=args.token)
     pcm = bytearray()
     rate: int | None = None
+    payloads: list[bytes] = []  # with --format opus: the utterance's packets, decoded at its end
+    started: UtteranceStarted | None = None
     done = 0
     try:
         async with open_websocket_url(url) as ws:
             print(f"listening on {args.url} for {args.count} utterance(s)…", file=sys.stderr)
             while done < args.count:
                 message = await ws.get_message()
+                if isinstance(message, bytes) and args.format == "opus":
+                    payloads.append(protocol.decode_voice_frame(message).audio)
+                    continue
                 if isinstance(message, bytes):
                     chunk_rate, audio = read_wav(protocol.decode_voice_frame(message).audio)
                     if rate not in (None, chunk_rate):
@@ -316,7 +324,14 @@ async def listen(args: argparse.Namespace) -> int:
                     pcm += audio
                     continue
                 event = protocol.decode_event(message)
+                if isinstance(event, UtteranceStarted):
+                    started, payloads = event, []
                 if isinstance(event, UtteranceFinished):
+                    if started is not None and started.codec == "opus":
+                        from pipeline.opus import decode_utterance  # PyAV takes ~0.3 s to import: only here
+
+                        rate = started.sample_rate
+                        pcm += decode_utterance(payloads, started.pre_skip or 0, rate)[: event.audio_ms * rate // 1000 * 2]
                     done += 1
                     print(f"{event.utterance_id} {event.status}: {event.audio_ms / 1000:.2f} s", file=sys.stderr)
     except (OSError, HandshakeError) as e:

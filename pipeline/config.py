@@ -94,6 +94,7 @@ SPECS: tuple[Spec, ...] = (
     Spec("chunk_ms", int, "duration of an audio chunk once an utterance is under way", _between(10, 5000)),
     Spec("first_chunks_ms", list, "shorter first chunks of an utterance, so chunking never holds back first audio", _chunk_steps),
     Spec("short_first_piece", bool, "speak the first clause on its own so first audio needs only a few words"),
+    Spec("opus_bitrate", int, "bits per second of the Opus stream sent to format=opus subscribers", _between(6000, 510000)),
     Spec("lookahead", int, "pieces synthesized ahead of the one streaming out", _between(0, 8)),
     Spec("max_pending", int, "utterances that may wait in the queue", _between(1, 100000)),
     Spec("stream_idle_flush_s", float, "seconds without new text before a streamed utterance's held tail is spoken", _positive),
@@ -152,6 +153,7 @@ class Settings:
     chunk_ms: int = 200
     first_chunks_ms: tuple[int, ...] = (40, 80, 160)
     short_first_piece: bool = True
+    opus_bitrate: int = 32000
     lookahead: int = 1
     max_pending: int = 64
     stream_idle_flush_s: float = 1.0

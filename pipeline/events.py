@@ -45,6 +45,7 @@ class AudioFormat(enum.StrEnum):
 
     WAV = "wav"
     PCM = "pcm"
+    OPUS = "opus"  # 20 ms Opus packets, each `u16 LE length` + bytes (DESIGN.md section 12)
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,16 @@ class Accepted:
 
 @dataclass(frozen=True)
 class UtteranceStarted:
-    """Rendered per subscriber: `format` is each receiver's own."""
+    """Rendered per subscriber: `format` is each receiver's own. `codec` and `pre_skip`
+    (samples at 48 kHz a decoder drops first, RFC 7845) are set for opus subscribers only."""
 
     utterance_id: str
     provider: str
     voice: str
     sample_rate: int
     first_chunk_id: int
+    codec: str | None = None
+    pre_skip: int | None = None
 
 
 @dataclass(frozen=True)

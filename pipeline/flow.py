@@ -21,7 +21,7 @@ from pipeline.session import SessionState
 class SubscriberOptions:
     """What a connection asked for in its query string."""
 
-    format: str = "wav"  # wav | pcm
+    format: str = "wav"  # wav | pcm | opus
     compress: bool = False
     subscribe: bool = True
     token: str | None = field(default=None, repr=False)  # a secret: never in a repr or log

@@ -71,6 +71,9 @@ def as_dict(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> 
             fields["providers"] = list(PROVIDER_NAMES)
         case UtteranceStarted():
             fields["format"] = audio_format
+            for optional in ("codec", "pre_skip"):  # an opus subscriber's only
+                if fields[optional] is None:
+                    del fields[optional]
         case Accepted(streaming=False):
             del fields["streaming"]
         case Cancelled():

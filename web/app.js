@@ -1,8 +1,11 @@
 // The speechcast page: finds the daemon's WebSocket through GET /v1/info, stays connected
 // (reconnecting with backoff), plays the stream with AudioPlayer, and logs every event.
-// Page options: ?format=pcm, ?compress=1, ?token=... (passed on to the WebSocket).
+// Page options: ?format=opus|pcm|wav, ?compress=1, ?token=... (passed on to the WebSocket).
+// Without ?format the page asks for Opus when the browser decodes it with WebCodecs (a
+// twelfth of PCM's bytes), else for pcm; ?format=opus falls back to pcm the same way.
 // "Type as you go" (typing.js) speaks the text box as a streamed utterance while it is typed.
 
+import { opusSupported } from "./opus.js";
 import { AudioPlayer } from "./player.js";
 import { TypeAsYouGo } from "./typing.js";
 
@@ -11,7 +14,8 @@ const RECONNECT_MAX_S = 10;
 const LOG_LIMIT = 200;
 
 const params = new URLSearchParams(location.search);
-const format = params.get("format") === "pcm" ? "pcm" : "wav";
+const asked = params.get("format");
+const format = asked === "wav" || asked === "pcm" ? asked : (await opusSupported()) ? "opus" : "pcm";
 const compress = params.get("compress") === "1";
 const token = params.get("token");
 
@@ -22,6 +26,8 @@ const state = { ws: null, backoff: RECONNECT_FIRST_S, provider: null };
 // What tests (and curious people) can read from the console.
 window.speechcast = {
   player,
+  format, // what this page asked the daemon for
+  bytesReceived: 0, // every byte of every message received (text and audio)
   events: [], // every event received, in order, as {at, event}
   log: [], // every line of the event log, oldest first, as {kind, text, utteranceId}
   get timeline() {
@@ -114,7 +120,14 @@ function logFinished(event) {
   log(event.status === "ok" ? "done" : "error", text, event.utterance_id);
 }
 
+function countBytes(data) {
+  window.speechcast.bytesReceived += typeof data === "string" ? new Blob([data]).size : data.byteLength;
+  const kb = window.speechcast.bytesReceived / 1000;
+  $("bytes").textContent = `${format}: ${kb < 1000 ? kb.toFixed(1) + " kB" : (kb / 1000).toFixed(2) + " MB"} received`;
+}
+
 function onMessage(message) {
+  countBytes(message.data);
   if (typeof message.data !== "string") {
     player.frame(message.data);
     return;

@@ -3,6 +3,7 @@
 // one ends, so there is neither gap nor overlap (unlike chaining on `onended`).
 
 import { VOICE_DATA, parseFrame } from "./frames.js";
+import { OPUS_RATE, OpusUtterance } from "./opus.js";
 
 // Audio scheduled ahead of the clock when playback (re)starts: room for the next chunk
 // to arrive and decode before the first one has played out.
@@ -11,7 +12,8 @@ const START_LEAD_S = 0.1;
 const LATE_MARGIN_S = 0.005;
 
 export class AudioPlayer {
-  /** `format`: "wav" (decodeAudioData) or "pcm" (s16le at the announced rate). */
+  /** `format`: "wav" (decodeAudioData), "pcm" (s16le at the announced rate) or "opus"
+   *  (WebCodecs, one decoder per utterance: opus.js). */
   constructor({ format = "wav" } = {}) {
     this.format = format;
     this.context = null;
@@ -62,15 +64,21 @@ export class AudioPlayer {
 
   started(event) {
     return this.enqueue(() => {
-      this.current = { id: event.utterance_id, sampleRate: event.sample_rate };
-      this.ensureContext(event.sample_rate);
+      this.current?.opus?.close();
+      const opus = this.format === "opus" ? new OpusUtterance(event.pre_skip ?? 0) : null;
+      // Opus decodes at 48 kHz: the context runs at that rate, so nothing is resampled.
+      const sampleRate = opus ? OPUS_RATE : event.sample_rate;
+      this.current = { id: event.utterance_id, sampleRate, opus };
+      this.ensureContext(sampleRate);
     });
   }
 
   finished(event) {
     if (event.status === "cancelled") this.stop([event.utterance_id]);
     return this.enqueue(() => {
-      if (this.current?.id === event.utterance_id) this.current = null;
+      if (this.current?.id !== event.utterance_id) return;
+      this.current.opus?.close();
+      this.current = null;
     });
   }
 
@@ -91,21 +99,30 @@ export class AudioPlayer {
       this.timeline.push(entry);
       let buffer;
       try {
-        buffer = await this.decode(frame.audio, utterance?.sampleRate ?? 24000);
+        buffer = await this.decode(frame.audio, utterance?.sampleRate ?? 24000, utterance);
       } catch (error) {
         this.decodeErrors.push({ chunkId: frame.chunkId, utteranceId: entry.utteranceId, message: String(error) });
         return;
       }
       if (utterance && this.cancelled.has(utterance.id)) return; // cancelled while decoding
       entry.ok = true;
+      if (buffer === null) return; // an opus chunk that completed no 20 ms packet
       entry.duration = buffer.duration;
       entry.start = this.schedule(buffer, entry.utteranceId);
     });
   }
 
-  async decode(audio, sampleRate) {
+  async decode(audio, sampleRate, utterance) {
     const context = this.ensureContext(sampleRate);
     if (this.format === "wav") return await context.decodeAudioData(audio);
+    if (this.format === "opus") {
+      if (!utterance?.opus) throw new Error("opus chunk before its utterance_started");
+      const samples = await utterance.opus.decode(audio);
+      if (samples.length === 0) return null;
+      const buffer = context.createBuffer(1, samples.length, sampleRate);
+      buffer.copyToChannel(samples, 0);
+      return buffer;
+    }
     if (audio.byteLength % 2 !== 0) throw new Error(`PCM chunk of ${audio.byteLength} bytes is not whole samples`);
     const view = new DataView(audio);
     const n = audio.byteLength / 2;
