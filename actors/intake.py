@@ -50,7 +50,7 @@ class Peer:
 
 
 def parse_options(path: str) -> SubscriberOptions:
-    """Read `format`, `compress`, `subscribe` and `token` from the request path.
+    """Read `format`, `compress`, `subscribe`, `timing` and `token` from the request path.
 
     Error handling: HandshakeError (404 another path, 400 a bad value); whatever the
     path holds, nothing else escapes (a parser's surprise is a 400 too).
@@ -77,7 +77,18 @@ def _options(path: str) -> SubscriberOptions:
         if value not in ("0", "1"):
             raise HandshakeError(400, f"{name} must be 0 or 1, not {value[:20]!r}")
         flags[name] = value == "1"
-    return SubscriberOptions(format=fmt, compress=flags["compress"], subscribe=flags["subscribe"], token=query.get("token"))
+    return SubscriberOptions(
+        format=fmt, compress=flags["compress"], subscribe=flags["subscribe"], token=query.get("token"),
+        timing=_timing_option(query),
+    )
+
+
+def _timing_option(query: dict[str, str]) -> str:
+    """`timing=words|visemes|all` (DESIGN.md section 11); "" when absent or `none`."""
+    value = query.get("timing", "none")
+    if value not in ("none", "words", "visemes", "all"):
+        raise HandshakeError(400, f"timing must be words, visemes, all or none, not {value[:20]!r}")
+    return "" if value == "none" else value
 
 
 class Intake:
