@@ -318,14 +318,13 @@ class _Run:
 
 class _PieceClock:
     """One piece's words and visemes on the utterance's clock: the provider's own timings
-    (`exact`, set from its first audio) or an estimate as the audio arrives. Each is
-    emitted before the audio in which it begins (pipeline.timing)."""
+    (`exact`, set from its first audio, emitted before that audio) or an estimate over
+    the piece's whole audio, emitted at its end (pipeline.timing.Estimate)."""
 
     def __init__(self, run: _Run, job: _Piece) -> None:
         self.run, self.job = run, job
         self.words = words_of(job.text)
         self.exact: PieceTiming | None = None
-        self.estimate: Estimate | None = None
         self.origin = 0.0
         self.fed = 0  # the piece's input samples so far
         self.rate = run.speaker.providers.get(job.provider).sample_rate
@@ -337,16 +336,11 @@ class _PieceClock:
             self.origin = run.segment_origin + run.in_fed * run.speaker.sample_rate / self.rate
             if self.exact is not None:
                 await self._place(self.exact, estimated=False)
-            else:
-                provider = run.speaker.providers.get(self.job.provider)
-                self.estimate = Estimate(self.words, self.rate, run.utt.speed or provider.default_speed)
         self.fed += samples
-        if self.estimate is not None:
-            await self._place(self.estimate.due(self.fed), estimated=True)
 
     async def at_end(self) -> None:
-        if self.estimate is not None:
-            await self._place(self.estimate.rest(self.fed), estimated=True)
+        if self.exact is None:
+            await self._place(Estimate(self.words).place(self.fed), estimated=True)
 
     async def _place(self, timing: PieceTiming, *, estimated: bool) -> None:
         if not timing.words and not timing.visemes:

@@ -30,11 +30,6 @@ SPOKEN_SYMBOLS: Final = frozenset("&%$€£¥@#+=°§")
 _TOKEN: Final = re.compile(r"\S+")
 _LEADING: Final = "\"'([{¿¡“‘«„"
 _TRAILING: Final = "\"')]}”’»,;:!?…"
-# Estimated speech per character of text at speed 1.0 (the embedded voice, plain English:
-# 0.065 s per character, measured for issue 4's audio bounds); only the proportions
-# matter for the words of a piece, this only decides which words are due before the
-# piece's audio has all arrived.
-ESTIMATE_S_PER_CHAR: Final = 0.065
 
 
 def words_of(text: str) -> list[tuple[str, int]]:
@@ -124,41 +119,25 @@ class Estimate:
     its audio in proportion to their characters (the word and the space after it), each
     word's visemes spread evenly over it from its letters (pipeline.visemes).
 
-    As audio arrives, `due(known)` gives the words whose estimated span lies in the audio
-    known so far (sent before that audio); at the piece's end `rest(total)` spreads the
-    others over the audio left, in proportion too. So every word lies on the piece's audio
-    and none is missing; a word placed by `rest` may reach a subscriber after the chunk in
-    which it begins has gone out (when the audio came in several parts and ran longer than
-    estimated): it then comes before the next chunk."""
+    The words are placed once the piece's audio has all arrived (`place(total)`), so the
+    spread is over its real duration; they reach subscribers just before the chunk after
+    that audio, i.e. possibly after the chunk in which they begin, but ahead of playback
+    whenever the voice is faster than real time (audio is sent as fast as it comes).
+    Only placed words are sent, and only on audio that was sent: a piece cut off midway
+    gives no words (its utterance ends `partial`)."""
 
-    def __init__(self, words: list[tuple[str, int]], sample_rate: int, speed: float) -> None:
+    def __init__(self, words: list[tuple[str, int]]) -> None:
         self.words = words
         self.weights = [len(word) + 1 for word, _ in words]
-        self.unit = ESTIMATE_S_PER_CHAR * sample_rate / speed  # samples per character
-        self.next = 0
-        self.cursor = 0
 
-    def due(self, known: int) -> PieceTiming:
+    def place(self, total: int) -> PieceTiming:
+        """The words spread over `total` samples in proportion to their weights."""
         placed: list[tuple[int, int, int]] = []
-        while self.next < len(self.words):
-            start = max(self.cursor, round(sum(self.weights[: self.next]) * self.unit))
-            end = start + max(1, round(self.weights[self.next] * self.unit))
-            if end >= known:
-                break  # it may not fit the audio: placed once the audio is known
-            placed.append((self.next, start, end))
-            self.next += 1
-            self.cursor = end
-        return self._timing(placed)
-
-    def rest(self, total: int) -> PieceTiming:
-        left = self.weights[self.next :]
-        placed: list[tuple[int, int, int]] = []
-        span, start = max(0, total - self.cursor), self.cursor
-        for k, weight in enumerate(left):
-            end = self.cursor + round(span * sum(left[: k + 1]) / sum(left))
-            placed.append((self.next + k, start, max(end, start + 1)))
+        whole, start = sum(self.weights), 0
+        for k in range(len(self.words) if total > 0 else 0):
+            end = round(total * sum(self.weights[: k + 1]) / whole)
+            placed.append((k, start, max(end, start + 1)))
             start = max(end, start + 1)
-        self.next, self.cursor = len(self.words), max(self.cursor, start)
         return self._timing(placed)
 
     def _timing(self, placed: list[tuple[int, int, int]]) -> PieceTiming:

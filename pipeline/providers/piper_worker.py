@@ -40,6 +40,8 @@ GAIN = 1.4
 SILENCE_LEVEL = 328  # 1 % of full scale
 KEEP_LEADING_S = 0.040
 KEEP_TRAILING_S = 0.210
+# A word's edges are moved onto its sound, keeping this much of the quiet around it.
+EDGE_MARGIN_S = 0.010
 # Phonemes per model run; see the module docstring for the memory this bounds.
 MAX_PHONEMES = 320
 _WORD_GAP = " "
@@ -168,7 +170,11 @@ def speak_timed(text: str, length_scale: float) -> tuple[list[bytes], PieceTimin
             if end > start:
                 blocks.append(whole[start:end].astype("<i2").tobytes())
                 at += end - start
-        timing = piper_align.align(text, symbols, spans, _phonemes_of) if aligned and symbols else None
+        timing = None
+        if aligned and symbols:
+            timing = piper_align.align(text, symbols, spans, _phonemes_of)
+            loud = np.abs(np.frombuffer(b"".join(blocks), dtype="<i2").astype(np.int32)) >= SILENCE_LEVEL
+            timing = piper_align.on_sound(timing, loud, round(EDGE_MARGIN_S * SAMPLE_RATE))
     except MemoryError as e:
         _out_of_memory = True
         raise OutOfMemory(str(e)) from None
