@@ -5,6 +5,7 @@ print the effective configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import codecs
 import gc
 import json
@@ -28,7 +29,7 @@ from pipeline import __version__, client_input, protocol
 from pipeline.audio import read_wav
 from pipeline.commands import SendMessage, TextAppend, TextEnd, TextStart, TTSProvider
 from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
-from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished
+from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished, Words
 from pipeline.logs import configure_logging
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--out", required=True, metavar="FILE.wav", help="WAV file to write")
     listen.add_argument("--count", type=int, default=1, help="utterances to record (default 1)")
     listen.add_argument("--token", help="listen token, when the daemon requires one")
+    listen.add_argument("--words", action="store_true", help="print each word with its time as it arrives")
 
     config = commands.add_parser(
         "config",
@@ -299,7 +301,7 @@ async def _await_spoken(ws: WebSocketConnection, utterance_id: str | None = None
 async def listen(args: argparse.Namespace) -> int:
     if args.count < 1:
         return _fail("--count must be at least 1")
-    url = with_query(args.url, format="wav", token=args.token)
+    url = with_query(args.url, format="wav", token=args.token, timing="words" if args.words else None)
     pcm = bytearray()
     rate: int | None = None
     done = 0
@@ -316,6 +318,8 @@ async def listen(args: argparse.Namespace) -> int:
                     pcm += audio
                     continue
                 event = protocol.decode_event(message)
+                if isinstance(event, Words):
+                    _print_words(event)
                 if isinstance(event, UtteranceFinished):
                     done += 1
                     print(f"{event.utterance_id} {event.status}: {event.audio_ms / 1000:.2f} s", file=sys.stderr)
@@ -330,6 +334,14 @@ async def listen(args: argparse.Namespace) -> int:
         out.writeframes(bytes(pcm))
     print(f"wrote {args.out}: {len(pcm) / 2 / (rate or 24000):.2f} s", file=sys.stderr)
     return 0
+
+
+def _print_words(event: Words) -> None:
+    """One line per word: its start and end (seconds from the utterance's first sample)."""
+    for word in event.words:
+        item = word if isinstance(word, dict) else dataclasses.asdict(word)
+        mark = " ~" if event.estimated else ""
+        print(f"{item['start_ms'] / 1000:7.3f} {item['end_ms'] / 1000:7.3f}  {item['word']}{mark}", flush=True)
 
 
 if __name__ == "__main__":

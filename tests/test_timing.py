@@ -310,3 +310,31 @@ async def test_a_bad_timing_option_is_refused_with_400():
                 async with open_websocket_url(f"ws://127.0.0.1:{daemon.port}/?timing=phonemes"):
                     pass
     assert refused.value.status_code == 400
+
+
+async def test_listen_words_prints_every_word_with_its_time(tmp_path):
+    import signal
+    import subprocess
+
+    from tests.test_walkthrough import SPEECHCAST, LineReader, start_daemon
+
+    text = "Hello there. It costs $29.99 today."
+    with trio.fail_after(60):
+        daemon, port = await start_daemon()
+        try:
+            url = f"ws://127.0.0.1:{port}"
+            listen = await trio.lowlevel.open_process(
+                [SPEECHCAST, "listen", "--words", "--url", url, "--out", str(tmp_path / "x.wav")],
+                stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+            )
+            assert (await LineReader(listen.stderr).line()).startswith("listening on")
+            await trio.run_process([SPEECHCAST, "say", text, "--url", url], capture_stdout=True)
+            reader = LineReader(listen.stdout)
+            lines = [(await reader.line()).split() for _ in words_of(text)]
+            assert await listen.wait() == 0
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    assert [line[2] for line in lines] == [w for w, _ in words_of(text)]
+    times = [(float(line[0]), float(line[1])) for line in lines]
+    assert all(a < b for a, b in times) and all(x[1] <= y[0] for x, y in zip(times, times[1:]))
