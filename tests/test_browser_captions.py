@@ -17,10 +17,10 @@ from tests.test_browser import CHROMIUM, TEXT, WAIT_MS, daemon, open_page, page,
 SAMPLE_MS = (250, 800, 1400, 2000, 2600, 3200)
 
 
-def snapshot_after(page: Any, ms: int) -> dict[str, Any]:
+def snapshot_after(tab: Any, ms: int) -> dict[str, Any]:
     """Wait until the utterance has played `ms`, then read the clock, the player's
     schedule and what the page shows, all in one turn of the page's event loop."""
-    return page.evaluate(
+    return tab.evaluate(
         f"""() => new Promise((resolve, reject) => {{
             const deadline = performance.now() + {WAIT_MS};
             const check = () => {{
@@ -34,7 +34,9 @@ def snapshot_after(page: Any, ms: int) -> dict[str, Any]:
                         highlighted: document.querySelector("#captions .word.current")?.textContent ?? null,
                         mouth: document.getElementById("mouth-gap").dataset.viseme,
                     }});
-                }} else if (performance.now() > deadline) reject(new Error("playback never reached {ms} ms"));
+                }} else if (performance.now() > deadline) reject(new Error("playback never reached {ms} ms: "
+                    + JSON.stringify({{now, log: window.speechcast.log.map((l) => l.text),
+                                      chunks: window.speechcast.timeline.length}})));
                 else setTimeout(check, 5);
             }};
             check();

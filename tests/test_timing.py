@@ -21,7 +21,6 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from pipeline import protocol
 from pipeline.audio import read_wav
-from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
 from pipeline.errors import ProviderFailed

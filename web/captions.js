@@ -75,12 +75,13 @@ export class Captions {
       this.setMouth("sil");
       return this.current;
     }
-    if (this.shown !== at.utteranceId || utterance.spans.length !== utterance.words.length) this.render(at.utteranceId);
+    const fresh = this.shown !== at.utteranceId || utterance.spans.length !== utterance.words.length;
+    if (fresh) this.render(at.utteranceId);
     // The word being said: the last one begun (a pause keeps the previous highlighted).
     let index = -1;
     for (let k = 0; k < utterance.words.length && utterance.words[k].start_ms <= at.ms; k++) index = k;
     const viseme = utterance.visemes.find((v) => v.start_ms <= at.ms && at.ms < v.end_ms)?.viseme ?? "sil";
-    if (index !== this.current.index || at.utteranceId !== this.current.utteranceId) {
+    if (fresh || index !== this.current.index || at.utteranceId !== this.current.utteranceId) {
       utterance.spans.forEach((span, k) => span.classList.toggle("current", k === index));
     }
     this.current = {
