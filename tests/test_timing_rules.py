@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pipeline.providers.piper_align import _owners
 from pipeline.text import split_pieces
-from pipeline.timing import Estimate, OffsetFinder, PieceTiming, Timeline, words_of
+from pipeline.timing import Estimate, OffsetFinder, PieceTiming, TimedViseme, TimedWord, Timeline, Timing, words_of
 from pipeline.visemes import VISEMES, letter_visemes, phoneme_visemes
 
 WORD = st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789$%.,'-"), min_size=1, max_size=12)
@@ -77,3 +77,53 @@ def test_phonemes_go_to_words_in_order(heard, said, data):
     known = [o for o in owners if o is not None]
     assert known == sorted(known)
     assert len(owners) == len(heard)
+
+
+# ---- the chunker: each item just before the chunk in which it begins, none for audio not sent
+
+
+def _chunker_out(items):
+    from tests.test_chunker import run_chunker
+
+    return run_chunker(items)
+
+
+def _timing(starts: list[int]) -> Timing:
+    return Timing(
+        "u1",
+        tuple(TimedWord(f"w{k}", k, s, s + 100, False) for k, s in enumerate(starts)),
+        tuple(TimedViseme("aa", s, s + 100, False) for s in starts),
+    )
+
+
+def test_the_chunker_sends_each_item_just_before_the_chunk_it_begins_in():
+    from pipeline.flow import Audio, Frame, TimingNotice
+    from tests.test_chunker import begin, end, ms
+
+    starts = [0, 900, 1000, 4000, 23_999, 30_000]  # samples at 24 kHz; chunks 40, 80, 160, 200... ms
+    out = _chunker_out([begin(), _timing(starts), Audio("u1", ms(1000)), end()])
+    sent, released = 0, []
+    pending: list[int] = []
+    for item in out:
+        if isinstance(item, TimingNotice):
+            pending += [w.start_ms for w in getattr(item.event, "words", ())]
+        elif isinstance(item, Frame):
+            chunk_end = sent + len(item.pcm) // 2
+            assert all(sent * 1000 // 24000 <= start <= chunk_end * 1000 / 24000 for start in pending)
+            released += pending
+            pending, sent = [], chunk_end
+    assert released == [0, 38, 42, 167, 1000]  # ms; 1250 ms is after the audio: never sent
+
+
+def test_the_chunker_sends_no_item_for_audio_not_sent():
+    from pipeline.events import Status
+    from pipeline.flow import Audio, TimingNotice
+    from tests.test_chunker import begin, end, ms
+
+    beyond = _timing([0, 24_000 * 2])  # the second begins after the audio
+    out = _chunker_out([begin(), beyond, Audio("u1", ms(1000)), end()])
+    words = [w.word for o in out if isinstance(o, TimingNotice) for w in getattr(o.event, "words", ())]
+    assert words == ["w0"]
+    cancelled = _chunker_out([begin(), _timing([0, 6960]), Audio("u1", ms(300)), end(Status.CANCELLED)])
+    words = [w.word for o in cancelled if isinstance(o, TimingNotice) for w in getattr(o.event, "words", ())]
+    assert words == ["w0"]  # the held last chunk (and what begins in it) is dropped on cancel
