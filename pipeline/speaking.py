@@ -2,12 +2,14 @@
 lookahead, and fail over to the next provider when one breaks.
 
 The router calls `speak` for each utterance; everything it produces goes to the chunker
-through `emit`: UtteranceBegin just before the first audio, then Audio, plus `error`
-events for provider failures. It returns the utterance's status (ok · partial · failed).
+through `emit`: UtteranceBegin just before the first audio, then Audio and the words and
+visemes of each piece (Timing, DESIGN.md section 11), plus `error` events for provider
+failures. It returns the utterance's status (ok · partial · failed).
 Cancellation (the router's per-utterance cancel scope) stops every synthesis at once.
 
-(Just over 300 lines: one utterance's run — pieces, lookahead, failover, per-piece bounds —
-is one piece of logic.)
+(About 400 lines: one utterance's run — pieces, lookahead, failover, per-piece bounds, and
+where each piece's words fall on the utterance's audio, which depends on all of them — is
+one piece of logic. The timing rules themselves live in pipeline/timing.py.)
 """
 
 from __future__ import annotations
