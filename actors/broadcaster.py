@@ -29,7 +29,7 @@ from pipeline import protocol
 from pipeline.audio import wav_bytes
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
-from pipeline.events import AudioFormat, Hello, UtteranceStarted
+from pipeline.events import AudioFormat, Hello, UtteranceStarted, Words
 from pipeline.flow import (
     Broadcast,
     FinishNotice,
@@ -42,6 +42,7 @@ from pipeline.flow import (
     Shutdown,
     StartNotice,
     SubscriberOptions,
+    TimingNotice,
 )
 from pipeline.metrics import Metrics
 from pipeline.opus import OpusTrack
@@ -123,6 +124,8 @@ class Broadcaster:
                 self._started(item)
             case FinishNotice():
                 self._finished(item)
+            case TimingNotice():
+                self._timing(item)
             case Broadcast(event=event, also_to=also_to):
                 self._broadcast(protocol.render(event), also_to)
             case Reply(to=to, event=event):
@@ -155,6 +158,14 @@ class Broadcaster:
         if fmt is AudioFormat.OPUS:
             event = dataclasses.replace(event, codec="opus", pre_skip=self.opus.pre_skip)
         return protocol.render(event, fmt)
+
+    def _timing(self, notice: TimingNotice) -> None:
+        """Words or visemes, rendered once, to the subscribers that asked for them."""
+        kind = "words" if isinstance(notice.event, Words) else "visemes"
+        text = protocol.render(notice.event)
+        for sub in list(self.subscribers.values()):
+            if sub.options.subscribe and sub.options.timing in (kind, "all"):
+                self._push(sub, text)
 
     def _frame(self, frame: Frame) -> None:
         if frame.utterance_id not in self.first_audio_at and self.speaking is not None:

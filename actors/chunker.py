@@ -25,9 +25,12 @@ from pipeline.flow import (
     Shutdown,
     Speech,
     StartNotice,
+    TimingNotice,
     UtteranceBegin,
     UtteranceEnd,
 )
+from pipeline.timing import Timing
+from pipeline.timing_queue import HeldTiming
 
 
 class ChunkCounter:
@@ -52,6 +55,7 @@ class _Open:
     sent_bytes: int = 0
     first_chunk_id: int | None = None
     last_chunk_id: int | None = None
+    timing: HeldTiming | None = None  # words/visemes waiting for the chunk they begin in
 
 
 class Chunker:
@@ -88,6 +92,10 @@ class Chunker:
                     case Audio(pcm=pcm) if self.open is not None:
                         self.open.buffer += pcm
                         await self._send_ready_chunks(self.open)
+                    case Timing() if self.open is not None and self.open.begin.utterance_id == item.utterance_id:
+                        if self.open.timing is None:
+                            self.open.timing = HeldTiming(item.utterance_id, self.sample_rate)
+                        self.open.timing.add(item)
                     case UtteranceEnd():
                         await self._finish(item)
                     case Reply() | Broadcast() | SessionStatus() | Shutdown():
@@ -111,6 +119,9 @@ class Chunker:
             begin = state.begin
             started = UtteranceStarted(begin.utterance_id, begin.provider.value, begin.voice, self.sample_rate, chunk_id)
             await self.out.send(StartNotice(started, begin.owner, begin.received_at))
+        if state.timing is not None:
+            for event in state.timing.due((state.sent_bytes + len(pcm)) // 2):
+                await self.out.send(TimingNotice(event))
         state.chunks += 1
         state.sent_bytes += len(pcm)
         state.last_chunk_id = chunk_id

@@ -50,7 +50,7 @@ class Peer:
 
 
 def parse_options(path: str) -> SubscriberOptions:
-    """Read `format`, `compress`, `subscribe` and `token` from the request path.
+    """Read `format`, `compress`, `subscribe`, `timing` and `token` from the request path.
 
     Error handling: HandshakeError (404 another path, 400 a bad value); whatever the
     path holds, nothing else escapes (a parser's surprise is a 400 too).
@@ -79,7 +79,17 @@ def _options(path: str) -> SubscriberOptions:
         flags[name] = value == "1"
     # compress=1 is accepted with opus and ignored: zlib gains nothing on Opus (DESIGN.md 12).
     compress = flags["compress"] and fmt != "opus"
-    return SubscriberOptions(format=fmt, compress=compress, subscribe=flags["subscribe"], token=query.get("token"))
+    return SubscriberOptions(
+        format=fmt, compress=compress, subscribe=flags["subscribe"], token=query.get("token"), timing=_timing_option(query)
+    )
+
+
+def _timing_option(query: dict[str, str]) -> str:
+    """`timing=words|visemes|all` (DESIGN.md section 11); "" when absent or `none`."""
+    value = query.get("timing", "none")
+    if value not in ("none", "words", "visemes", "all"):
+        raise HandshakeError(400, f"timing must be words, visemes, all or none, not {value[:20]!r}")
+    return "" if value == "none" else value
 
 
 class Intake:

@@ -5,6 +5,7 @@ print the effective configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import codecs
 import gc
 import json
@@ -28,7 +29,7 @@ from pipeline import __version__, client_input, protocol
 from pipeline.audio import read_wav
 from pipeline.commands import SendMessage, TextAppend, TextEnd, TextStart, TTSProvider
 from pipeline.config import ConfigError, Settings, add_setting_flags, load_settings
-from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished, UtteranceStarted
+from pipeline.events import Accepted, ErrorEvent, Status, UtteranceFinished, UtteranceStarted, Words
 from pipeline.logs import configure_logging
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument(
         "--format", choices=("wav", "opus"), default="wav", help="what to receive: WAV chunks, or Opus (decoded here)"
     )
+    listen.add_argument("--words", action="store_true", help="print each word with its time as it arrives")
 
     config = commands.add_parser(
         "config",
@@ -302,7 +304,7 @@ async def _await_spoken(ws: WebSocketConnection, utterance_id: str | None = None
 async def listen(args: argparse.Namespace) -> int:
     if args.count < 1:
         return _fail("--count must be at least 1")
-    url = with_query(args.url, format=args.format, token=args.token)
+    url = with_query(args.url, format=args.format, token=args.token, timing="words" if args.words else None)
     pcm = bytearray()
     rate: int | None = None
     payloads: list[bytes] = []  # with --format opus: the utterance's packets, decoded at its end
@@ -326,6 +328,8 @@ async def listen(args: argparse.Namespace) -> int:
                 event = protocol.decode_event(message)
                 if isinstance(event, UtteranceStarted):
                     started, payloads = event, []
+                elif isinstance(event, Words):
+                    _print_words(event)
                 if isinstance(event, UtteranceFinished):
                     if started is not None and started.codec == "opus":
                         from pipeline.opus import decode_utterance  # PyAV takes ~0.3 s to import: only here
@@ -345,6 +349,14 @@ async def listen(args: argparse.Namespace) -> int:
         out.writeframes(bytes(pcm))
     print(f"wrote {args.out}: {len(pcm) / 2 / (rate or 24000):.2f} s", file=sys.stderr)
     return 0
+
+
+def _print_words(event: Words) -> None:
+    """One line per word: its start and end (seconds from the utterance's first sample)."""
+    for word in event.words:
+        item = word if isinstance(word, dict) else dataclasses.asdict(word)
+        mark = " ~" if event.estimated else ""
+        print(f"{item['start_ms'] / 1000:7.3f} {item['end_ms'] / 1000:7.3f}  {item['word']}{mark}", flush=True)
 
 
 if __name__ == "__main__":

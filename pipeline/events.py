@@ -92,6 +92,39 @@ class UtteranceFinished:
 
 
 @dataclass(frozen=True)
+class WordTime:
+    word: str
+    start_ms: int  # from the utterance's first audio sample
+    end_ms: int
+    offset: int  # in the utterance's text, Unicode code points
+
+
+@dataclass(frozen=True)
+class Words:
+    """The words that begin in the next audio chunk (DESIGN.md section 11)."""
+
+    utterance_id: str
+    words: tuple[WordTime, ...]
+    estimated: bool
+
+
+@dataclass(frozen=True)
+class VisemeTime:
+    viseme: str  # one of pipeline.visemes.VISEMES
+    start_ms: int
+    end_ms: int
+
+
+@dataclass(frozen=True)
+class Visemes:
+    """The visemes that begin in the next audio chunk, contiguous over the utterance."""
+
+    utterance_id: str
+    visemes: tuple[VisemeTime, ...]
+    estimated: bool
+
+
+@dataclass(frozen=True)
 class ProviderChanged:
     provider: str
 
@@ -117,4 +150,5 @@ class Closed:
 
 ServerEvent = (
     Hello | Ready | Accepted | UtteranceStarted | UtteranceFinished | ProviderChanged | ErrorEvent | Cancelled | Closed
+    | Words | Visemes
 )

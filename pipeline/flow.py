@@ -13,8 +13,9 @@ import trio
 from trio_websocket import CloseReason
 
 from pipeline.commands import Command, TTSProvider
-from pipeline.events import ServerEvent, Status, UtteranceFinished, UtteranceStarted
+from pipeline.events import ServerEvent, Status, UtteranceFinished, UtteranceStarted, Visemes, Words
 from pipeline.session import SessionState
+from pipeline.timing import Timing
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class SubscriberOptions:
     format: str = "wav"  # wav | pcm | opus
     compress: bool = False
     subscribe: bool = True
+    timing: str = ""  # "" | words | visemes | all (DESIGN.md section 11)
     token: str | None = field(default=None, repr=False)  # a secret: never in a repr or log
 
 
@@ -117,6 +119,14 @@ class StartNotice:
 
 
 @dataclass(frozen=True)
+class TimingNotice:
+    """Words or visemes that begin in the next frame: only for subscribers whose
+    `timing` option asked for that kind."""
+
+    event: Words | Visemes
+
+
+@dataclass(frozen=True)
 class FinishNotice:
     """The utterance's end: the broadcaster adds `ttfa_ms`, logs and counts it, and
     announces it. `provider`: the one heard first (or the chosen one, if none was)."""
@@ -180,5 +190,5 @@ class Shutdown:
 
 
 Notice = Reply | Broadcast | SessionStatus
-Speech = UtteranceBegin | Audio | UtteranceEnd | Notice | Shutdown
-Outgoing = Frame | StartNotice | FinishNotice | Notice | Join | Leave | Shutdown
+Speech = UtteranceBegin | Audio | Timing | UtteranceEnd | Notice | Shutdown
+Outgoing = Frame | StartNotice | FinishNotice | TimingNotice | Notice | Join | Leave | Shutdown

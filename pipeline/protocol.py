@@ -31,6 +31,8 @@ from pipeline.events import (
     Status,
     UtteranceFinished,
     UtteranceStarted,
+    Visemes,
+    Words,
 )
 from pipeline.session import SessionState
 
@@ -57,6 +59,8 @@ EVENT_TYPES: Final[dict[type, str]] = {
     ErrorEvent: "error",
     Cancelled: "cancelled",
     Closed: "closed",
+    Words: "words",
+    Visemes: "visemes",
 }
 
 

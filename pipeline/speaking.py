@@ -2,12 +2,14 @@
 lookahead, and fail over to the next provider when one breaks.
 
 The router calls `speak` for each utterance; everything it produces goes to the chunker
-through `emit`: UtteranceBegin just before the first audio, then Audio, plus `error`
-events for provider failures. It returns the utterance's status (ok · partial · failed).
+through `emit`: UtteranceBegin just before the first audio, then Audio and the words and
+visemes of each piece (Timing, DESIGN.md section 11), plus `error` events for provider
+failures. It returns the utterance's status (ok · partial · failed).
 Cancellation (the router's per-utterance cancel scope) stops every synthesis at once.
 
-(Just over 300 lines: one utterance's run — pieces, lookahead, failover, per-piece bounds —
-is one piece of logic.)
+(About 400 lines: one utterance's run — pieces, lookahead, failover, per-piece bounds, and
+where each piece's words fall on the utterance's audio, which depends on all of them — is
+one piece of logic. The timing rules themselves live in pipeline/timing.py.)
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pipeline.providers.base import Provider
 from pipeline.providers.registry import ProviderSet
 from pipeline.streaming import TextStream
 from pipeline.text import iter_pieces
+from pipeline.timing import Estimate, OffsetFinder, PieceTiming, TimedPCM, Timeline, words_of
 
 log = structlog.get_logger()
 
@@ -66,6 +69,7 @@ class _Piece:
     """One piece being synthesized: its text, provider and the audio it has produced."""
 
     text: str
+    offset: int  # where `text` starts in the utterance's text (code points)
     provider: TTSProvider
     audio: trio.MemoryReceiveChannel[bytes | ProviderError]
     scope: trio.CancelScope
@@ -107,7 +111,8 @@ class Speaker:
 
     async def speak(self, utt: Utterance, first: TTSProvider, emit: Callable[[Speech], Awaitable[None]]) -> Status:
         texts: _Pieces | TextStream = utt.stream or _Pieces(
-            iter_pieces(utt.text, short_first=self.short_first_piece), offload=len(utt.text) > INLINE_SEGMENT_CHARS
+            iter_pieces(utt.text, short_first=self.short_first_piece), offload=len(utt.text) > INLINE_SEGMENT_CHARS,
+            text=utt.text,
         )
         chain = self.chain(first)
         run = _Run(self, utt, chain, emit)
@@ -122,10 +127,12 @@ class _Pieces:
     """The utterance's pieces, segmented only as far as they are asked for; for long texts
     in a worker thread (segmenting 4 KB takes ~12 ms, a few hundred characters < 1 ms)."""
 
-    def __init__(self, pieces: Iterator[str], *, offload: bool) -> None:
+    def __init__(self, pieces: Iterator[str], *, offload: bool, text: str) -> None:
         self._pieces = pieces
         self._offload = offload
         self._known: list[str] = []
+        self._offsets: list[int] = []
+        self._finder = OffsetFinder(text)
         self._exhausted = False
 
     async def get(self, index: int) -> str | None:
@@ -139,7 +146,12 @@ class _Pieces:
                 self._exhausted = True
             elif piece.strip():
                 self._known.append(piece.strip())
+                self._offsets.append(self._finder.locate(piece.strip()))
         return self._known[index] if index < len(self._known) else None
+
+    def offset(self, index: int) -> int:
+        """Where piece `index` (one already got) starts in the utterance's text."""
+        return self._offsets[index]
 
     async def peek(self, index: int) -> str | None:
         """For lookahead: a whole text's later pieces are worth segmenting now."""
@@ -158,6 +170,13 @@ class _Run:
         self.resampler: Resampler | None = None
         self.resampler_provider: TTSProvider | None = None
         self.lost_text = False
+        # The utterance's clock (output samples): what was emitted, where the current
+        # resampler's output began and how much input it has taken (pipeline.timing).
+        self.out_samples = 0
+        self.segment_origin = 0
+        self.in_fed = 0
+        self.timeline = Timeline(speaker.sample_rate)
+        self.any_estimated = False
 
     async def current(self) -> TTSProvider | None:
         """The provider to use now: the first usable one from `position` on the chain."""
@@ -168,9 +187,9 @@ class _Run:
             self.position += 1
         return None
 
-    def _start(self, text: str, name: TTSProvider, after: _Piece | None, *, after_first: bool) -> _Piece:
+    def _start(self, text: str, offset: int, name: TTSProvider, after: _Piece | None, *, after_first: bool) -> _Piece:
         send, receive = trio.open_memory_channel[bytes | ProviderError](math.inf)
-        job = _Piece(text, name, receive, trio.CancelScope(), trio.Event(), trio.Event())
+        job = _Piece(text, offset, name, receive, trio.CancelScope(), trio.Event(), trio.Event())
         provider = self.speaker.providers.get(name)
         wait = None
         if after is not None:
@@ -197,7 +216,9 @@ class _Run:
                 # (A stream's later pieces only if they are complete already: never wait.)
                 text = await texts.get(ahead) if ahead == index else await texts.peek(ahead)
                 if text is not None and ahead not in jobs:
-                    jobs[ahead] = self._start(text, name, after=jobs.get(ahead - 1), after_first=ahead == 1)
+                    jobs[ahead] = self._start(
+                        text, texts.offset(ahead), name, after=jobs.get(ahead - 1), after_first=ahead == 1
+                    )
             job = jobs.pop(index)
             sent_any, failure = await self._stream(job)
             if failure is None:
@@ -213,6 +234,8 @@ class _Run:
                 self.lost_text = True
                 index += 1
         await self._flush()
+        if (last := self.timeline.close(self.utt.id, self.out_samples, estimated=self.any_estimated)) is not None:
+            await self.emit(last)
         if self.utt.stream is not None and self.utt.stream.cut_short:
             self.lost_text = True  # its client left (or went quiet) mid-piece
         if not self.began:
@@ -223,13 +246,20 @@ class _Run:
         """Forward one piece's audio; returns (any audio sent, the failure or None)."""
         aligner = SampleAligner()
         sent_any = False
+        clock = _PieceClock(self, job)
         async for item in job.audio:
             if isinstance(item, ProviderError):
                 return sent_any, item
+            if isinstance(item, TimedPCM) and not sent_any:
+                clock.exact = item.timing
             pcm = aligner.feed(item)
             if pcm:
+                await self._ensure_resampler(job.provider)
+                await clock.before_audio(len(pcm) // 2)
                 await self._send_pcm(job.provider, pcm)
                 sent_any = True
+        if sent_any:
+            await clock.at_end()
         if aligner.leftover:
             # The answer ended inside a sample: half a sample cannot be played, so it is
             # dropped (a body that broke off is already a failure, reported above).
@@ -238,13 +268,18 @@ class _Run:
             return False, ProviderFailed(f"{job.provider.value} produced no audio for the piece")
         return True, None
 
-    async def _send_pcm(self, name: TTSProvider, pcm: bytes) -> None:
+    async def _ensure_resampler(self, name: TTSProvider) -> None:
         if self.resampler_provider != name:
             await self._flush()
             rate = self.speaker.providers.get(name).sample_rate
             self.resampler = Resampler(rate, self.speaker.sample_rate)
             self.resampler_provider = name
+            self.segment_origin, self.in_fed = self.out_samples, 0
+
+    async def _send_pcm(self, name: TTSProvider, pcm: bytes) -> None:
+        await self._ensure_resampler(name)
         assert self.resampler is not None
+        self.in_fed += len(pcm) // 2
         await self._emit_audio(self.resampler.feed(pcm), name)
 
     async def _flush(self) -> None:
@@ -252,15 +287,19 @@ class _Run:
             await self._emit_audio(self.resampler.flush(), self.resampler_provider)
         self.resampler = self.resampler_provider = None
 
-    async def _emit_audio(self, pcm: bytes, name: TTSProvider) -> None:
-        if not pcm:
-            return
+    async def _begin(self, name: TTSProvider) -> None:
         if not self.began:
             self.began = True
             provider = self.speaker.providers.get(name)
             await self.emit(
                 UtteranceBegin(self.utt.id, name, self._voice_of(name) or provider.default_voice, self.utt.owner, self.utt.first_text_at)
             )
+
+    async def _emit_audio(self, pcm: bytes, name: TTSProvider) -> None:
+        if not pcm:
+            return
+        await self._begin(name)
+        self.out_samples += len(pcm) // 2
         await self.emit(Audio(self.utt.id, pcm))
 
     async def _report(self, name: TTSProvider, failure: ProviderError) -> None:
@@ -277,6 +316,42 @@ class _Run:
         await self.emit(
             Broadcast(ErrorEvent(failure.code, text, utterance_id=self.utt.id, recovered=recovered), also_to=self.utt.owner)
         )
+
+
+class _PieceClock:
+    """One piece's words and visemes on the utterance's clock: the provider's own timings
+    (`exact`, set from its first audio, emitted before that audio) or an estimate over
+    the piece's whole audio, emitted at its end (pipeline.timing.Estimate)."""
+
+    def __init__(self, run: _Run, job: _Piece) -> None:
+        self.run, self.job = run, job
+        self.words = words_of(job.text)
+        self.exact: PieceTiming | None = None
+        self.origin = 0.0
+        self.fed = 0  # the piece's input samples so far
+        self.rate = run.speaker.providers.get(job.provider).sample_rate
+
+    async def before_audio(self, samples: int) -> None:
+        run = self.run
+        if self.fed == 0:
+            # Where the piece's first sample lands: after what the current resampler took.
+            self.origin = run.segment_origin + run.in_fed * run.speaker.sample_rate / self.rate
+            if self.exact is not None:
+                await self._place(self.exact, estimated=False)
+        self.fed += samples
+
+    async def at_end(self) -> None:
+        if self.exact is None:
+            await self._place(Estimate(self.words).place(self.fed), estimated=True)
+
+    async def _place(self, timing: PieceTiming, *, estimated: bool) -> None:
+        if not timing.words and not timing.visemes:
+            return
+        run = self.run
+        run.any_estimated = run.any_estimated or estimated
+        await run._begin(self.job.provider)
+        placed = run.timeline.place(run.utt.id, self.words, self.job.offset, timing, self.origin, self.rate, estimated=estimated)
+        await run.emit(placed)
 
 
 async def _synthesize_piece(

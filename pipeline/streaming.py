@@ -14,6 +14,7 @@ from __future__ import annotations
 import trio
 
 from pipeline.stream_text import StreamSegmenter
+from pipeline.timing import OffsetFinder
 
 
 class StreamTooLong(Exception):
@@ -34,6 +35,8 @@ class TextStream:
         self.max_chars = max_chars
         self.chars = 0
         self.pieces: list[str] = []
+        self.offsets: list[int] = []  # where each piece starts in the whole streamed text
+        self._finder = OffsetFinder()
         self.ended = False
         self.cut_short = False
         self.last_text_at = now
@@ -48,6 +51,7 @@ class TextStream:
                 "this part was refused and the utterance goes on"
             )
         self.chars += len(text)
+        self._finder.add(text)
         self.last_text_at = now
         self._release(self._segmenter.append(text), now)
         if flush:
@@ -75,6 +79,10 @@ class TextStream:
             await self._changed.wait()
         return self.pieces[index] if index < len(self.pieces) else None
 
+    def offset(self, index: int) -> int:
+        """Where piece `index` (one already got) starts in the text streamed so far."""
+        return self.offsets[index]
+
     async def peek(self, index: int) -> str | None:
         """Piece `index` if it is complete already, else None (lookahead never waits)."""
         return self.pieces[index] if index < len(self.pieces) else None
@@ -85,6 +93,7 @@ class TextStream:
             if self.first_piece_at is None:
                 self.first_piece_at = now
             self.pieces += released
+            self.offsets += [self._finder.locate(piece) for piece in released]
             self._wake()
 
     def _wake(self) -> None:

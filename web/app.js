@@ -7,6 +7,7 @@
 
 import { opusSupported } from "./opus.js";
 import { AudioPlayer } from "./player.js";
+import { Captions } from "./captions.js";
 import { TypeAsYouGo } from "./typing.js";
 
 const RECONNECT_FIRST_S = 0.5;
@@ -21,6 +22,7 @@ const token = params.get("token");
 
 const $ = (id) => document.getElementById(id);
 const player = new AudioPlayer({ format });
+const captions = new Captions(player, { captions: $("captions"), mouth: $("mouth-gap") });
 const state = { ws: null, backoff: RECONNECT_FIRST_S, provider: null };
 
 // What tests (and curious people) can read from the console.
@@ -28,6 +30,7 @@ window.speechcast = {
   player,
   format, // what this page asked the daemon for
   bytesReceived: 0, // every byte of every message received (text and audio)
+  captions,
   events: [], // every event received, in order, as {at, event}
   log: [], // every line of the event log, oldest first, as {kind, text, utteranceId}
   get timeline() {
@@ -94,6 +97,7 @@ function onEvent(event) {
     case "utterance_finished":
       // Logged once the player has taken every chunk before it (decoded and scheduled).
       typing.ended(event.utterance_id);
+      captions.finished(event);
       player.finished(event).then(() => logFinished(event));
       break;
     case "cancelled":
@@ -107,6 +111,12 @@ function onEvent(event) {
       break;
     case "closed":
       log("info", "session closed");
+      break;
+    case "words":
+      captions.words(event);
+      break;
+    case "visemes":
+      captions.visemes(event);
       break;
     default:
       break; // newer event types: ignored, as the protocol asks
@@ -144,7 +154,7 @@ function onMessage(message) {
 async function webSocketUrl() {
   const info = await (await fetch("/v1/info", { cache: "no-store" })).json();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const query = new URLSearchParams({ format, compress: compress ? "1" : "0" });
+  const query = new URLSearchParams({ format, compress: compress ? "1" : "0", timing: "all" });
   if (token) query.set("token", token);
   return `${scheme}://${location.hostname}:${info.ws_port}/?${query}`;
 }

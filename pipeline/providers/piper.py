@@ -39,6 +39,7 @@ from pipeline.providers.piper_worker import (
     SILENCE_LEVEL,
     trim_silence,
 )
+from pipeline.timing import TimedPCM
 
 __all__ = ["GAIN", "SAMPLE_RATE", "SILENCE_LEVEL", "PiperProvider", "trim_silence"]
 
@@ -112,8 +113,8 @@ class PiperProvider(Provider):
         await self.open()
         context = self._context
         try:
-            blocks = await context.run_sync(
-                piper_worker.speak, text, 1.0 / (speed or self.default_speed), kill_on_cancel=True, limiter=self._limiter
+            blocks, timing = await context.run_sync(
+                piper_worker.speak_timed, text, 1.0 / (speed or self.default_speed), kill_on_cancel=True, limiter=self._limiter
             )
         except trio_parallel.BrokenWorkerError as e:
             self._refill(context)
@@ -130,7 +131,10 @@ class PiperProvider(Provider):
             raise
         except Exception as e:  # onnxruntime and espeak raise assorted types
             raise ProviderFailed(f"the embedded voice failed: {type(e).__name__}: {e}") from e
-        for block in blocks:
+        for k, block in enumerate(blocks):
+            if k == 0 and timing is not None:
+                block = TimedPCM(block)  # the piece's words and visemes (pipeline.timing)
+                block.timing = timing
             yield block
 
     async def _warm(self, context: Any) -> None:
