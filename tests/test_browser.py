@@ -9,7 +9,6 @@ screenshot of the page mid-utterance (that is how docs/screenshot.png is made).
 
 from __future__ import annotations
 
-
 import itertools
 import json
 import os
