@@ -6,8 +6,8 @@ Sits beside the broadcaster: it feeds each chunk's PCM to the utterance's encode
 sends the packets that chunk completed to every opus subscriber. The payload of a chunk
 is its packets, each as `u16 LE length` + packet bytes.
 
-Timing: libopus encodes 20 ms at 24 kHz in ~0.3 ms (complexity 10, this class of
-machine), so a 200 ms chunk costs 3-4 ms of CPU (`python -m bench opus`): more than the
+Timing: libopus encodes 20 ms at 24 kHz in ~0.4 ms of CPU (complexity 10, this class of
+machine), so a 200 ms chunk costs ~4 ms (`python -m bench opus`): more than the
 event loop may be held, so `encode_chunk` runs it in a worker thread.
 """
 

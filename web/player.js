@@ -76,6 +76,7 @@ export class AudioPlayer {
   finished(event) {
     if (event.status === "cancelled") this.stop([event.utterance_id]);
     return this.enqueue(() => {
+      if (this.format === "opus" && event.status !== "cancelled") this.trimLast(event.utterance_id, event.audio_ms / 1000);
       if (this.current?.id !== event.utterance_id) return;
       this.current.opus?.close();
       this.current = null;
@@ -109,6 +110,7 @@ export class AudioPlayer {
       if (buffer === null) return; // an opus chunk that completed no 20 ms packet
       entry.duration = buffer.duration;
       entry.start = this.schedule(buffer, entry.utteranceId);
+      this.last = { entry, source: this.lastSource };
     });
   }
 
@@ -142,6 +144,7 @@ export class AudioPlayer {
     const start = this.nextTime;
     source.start(start);
     this.nextTime = start + buffer.duration;
+    this.lastSource = source;
     if (!this.sources.has(utteranceId)) this.sources.set(utteranceId, new Set());
     const set = this.sources.get(utteranceId);
     set.add(source);
@@ -150,6 +153,25 @@ export class AudioPlayer {
       if (set.size === 0) this.sources.delete(utteranceId);
     };
     return start;
+  }
+
+  /** Opus decodes whole 20 ms packets: the last one runs on (in silence) past the audio
+   *  the daemon sent. Once `utterance_finished` says how long that was, end the last buffer
+   *  there, so the next utterance follows without that gap. */
+  trimLast(utteranceId, seconds) {
+    const last = this.last;
+    if (!last || last.entry.utteranceId !== utteranceId) return;
+    const played = this.timeline.filter((c) => c.utteranceId === utteranceId).reduce((sum, c) => sum + c.duration, 0);
+    const excess = played - seconds;
+    if (excess <= 0 || excess >= last.entry.duration) return;
+    const end = last.entry.start + last.entry.duration;
+    last.entry.duration -= excess;
+    try {
+      last.source.stop(last.entry.start + last.entry.duration);
+    } catch {
+      return; // already stopped (cancel): nothing plays on
+    }
+    if (Math.abs(this.nextTime - end) < 1e-9) this.nextTime -= excess;
   }
 
   /** Silence the given utterances now and drop their chunks still on the way. */
