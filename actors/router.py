@@ -79,13 +79,20 @@ class Router:
         commands: trio.MemoryReceiveChannel[Envelope | Shutdown],
         speech: trio.MemorySendChannel[Speech],
         metrics: Metrics | None = None,
+        *,
+        resume: SessionStatus | None = None,
+        first_utterance: int = 1,
     ) -> None:
+        """`resume` (a daemon taking over as speaker, docs/scale-out.md): the session and
+        provider its predecessor published, kept instead of opening a fresh session;
+        `first_utterance`: the number after the last utterance id handed out."""
         self.settings = settings
         self.providers = providers
         self.commands = commands
         self.speech = speech
-        self.current = TTSProvider(settings.provider)
+        self.current = resume.provider if resume else TTSProvider(settings.provider)
         self.session = SessionState.CLOSED  # until the daemon initializes itself in `run`
+        self.resume = resume
         self.stopping = False  # the daemon is shutting down: nothing may (re)open the session
         self.queue = UtteranceQueue()
         self.speaking: tuple[Utterance, trio.CancelScope] | None = None
@@ -98,7 +105,7 @@ class Router:
             metrics=metrics,
             bounds=PieceBounds.from_settings(settings),
         )
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_utterance)
         # A provider check (start-up, Initialize) gets as long as an HTTP provider's own
         # health check may take; the embedded voice's workers load well within it.
         self.check_timeout = settings.connect_timeout + settings.first_byte_timeout
@@ -112,8 +119,12 @@ class Router:
             self.streams = OpenStreams(self.settings, nursery)
             nursery.start_soon(self._speak_forever)
             # The daemon initializes itself, but listens at once: the provider is checked
-            # in the background and /readyz says "not ready" until it is up.
-            await self._initialize(None)
+            # in the background and /readyz says "not ready" until it is up. A session its
+            # predecessor had closed stays closed (a closing one lost its queue: closed).
+            if self.resume is None or self.resume.state is SessionState.OPEN:
+                await self._initialize(None)
+            else:
+                await self._publish()
             task_status.started()
             async for envelope in self.commands:
                 await self._handle(envelope)
