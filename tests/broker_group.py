@@ -68,7 +68,8 @@ class RedisServer:
             with trio.CancelScope(shield=True):
                 await self.process.wait()
         if self.process is not None and self.process.stdout is not None:
-            await self.process.stdout.aclose()
+            with trio.CancelScope(shield=True):
+                await self.process.stdout.aclose()
         self.process = None
 
 
@@ -186,18 +187,14 @@ def took_over(daemons: list[Daemon]) -> int:
 
 
 async def next_speaker(daemons: list[Daemon], terms_before: int) -> Daemon:
-    """The daemon that begins the group's next term (after `terms_before` terms)."""
-    while True:
-        for daemon in daemons:
-            if took_over(daemons) > terms_before and daemon.logged("speaker.took_over"):
-                last = max(daemons, key=lambda d: max((e["timestamp"] for e in d.logged("speaker.took_over")), default=""))
-                return last
-        changed = [d._changed for d in daemons]
+    """The daemon that begins the group's next term (after `terms_before` terms in all)."""
+    while took_over(daemons) <= terms_before:
         async with trio.open_nursery() as nursery:
-            for event in changed:
+            for daemon in daemons:
 
-                async def wake(event: trio.Event = event) -> None:
+                async def wake(event: trio.Event = daemon._changed) -> None:
                     await event.wait()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(wake)
+    return max(daemons, key=lambda d: max((e["timestamp"] for e in d.logged("speaker.took_over")), default=""))
