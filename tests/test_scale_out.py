@@ -26,7 +26,13 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from pipeline import protocol
-from tests.broker_group import Daemon, daemon_group, next_speaker, redis_server, took_over
+from tests.broker_group import (
+    Daemon,
+    daemon_group,
+    next_speaker,
+    redis_server,
+    took_over,
+)
 from tests.fakes.tts_servers import FakeKokoros, FakeOpenAI, tone
 
 LEASE_S = 3.0  # the default speaker_lease_s

@@ -19,7 +19,15 @@ import trio
 
 from pipeline.broker import wire
 from pipeline.broker.items import CommandEntry, HttpAnswer, RequestKey
-from pipeline.broker.link import BLOCK_MS, COMMANDS_KEY, COMMANDS_MAXLEN, OUT_KEY, STATE_KEY, BrokerDown, BrokerLink
+from pipeline.broker.link import (
+    BLOCK_MS,
+    COMMANDS_KEY,
+    COMMANDS_MAXLEN,
+    OUT_KEY,
+    STATE_KEY,
+    BrokerDown,
+    BrokerLink,
+)
 from pipeline.broker.view import ClusterView
 from pipeline.commands import TTSProvider
 from pipeline.events import ErrorCode, ErrorEvent, ServerEvent

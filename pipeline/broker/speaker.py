@@ -21,6 +21,7 @@ import trio
 from actors.broadcaster import encode_frame
 from actors.chunker import ChunkCounter, Chunker
 from actors.router import Router
+from pipeline.audio import pcm_ms
 from pipeline.broker import wire
 from pipeline.broker.edge import RETRY_S, OutputReader
 from pipeline.broker.items import CommandEntry, HttpAnswer, RequestKey
@@ -38,8 +39,14 @@ from pipeline.broker.link import (
 from pipeline.broker.view import ClusterView
 from pipeline.commands import TTSProvider
 from pipeline.config import Settings
-from pipeline.audio import pcm_ms
-from pipeline.events import Accepted, ErrorCode, ErrorEvent, ServerEvent, Status, UtteranceFinished
+from pipeline.events import (
+    Accepted,
+    ErrorCode,
+    ErrorEvent,
+    ServerEvent,
+    Status,
+    UtteranceFinished,
+)
 from pipeline.flow import (
     Broadcast,
     Envelope,

@@ -12,9 +12,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pipeline.events import Accepted, UtteranceFinished
-from pipeline.flow import Broadcast, FinishNotice, Frame, Reply, SessionStatus, StartNotice
 from pipeline.broker.items import HttpAnswer
+from pipeline.events import Accepted, UtteranceFinished
+from pipeline.flow import (
+    Broadcast,
+    FinishNotice,
+    Frame,
+    Reply,
+    SessionStatus,
+    StartNotice,
+)
 
 _NUMBER = re.compile(r"u(\d+)$")
 
