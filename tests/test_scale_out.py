@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+import wave
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from pipeline import protocol
 from tests.broker_group import (
+    SPEECHCAST,
     Daemon,
     daemon_group,
     next_speaker,
@@ -34,6 +36,7 @@ from tests.broker_group import (
     took_over,
 )
 from tests.fakes.tts_servers import FakeKokoros, FakeOpenAI, tone
+from tests.test_walkthrough import LineReader
 
 LEASE_S = 3.0  # the default speaker_lease_s
 WORTH_SHOWING = {"speaker", "broker", "utterance", "command", "(not json)"}
@@ -297,3 +300,28 @@ async def test_without_the_broker_every_daemon_is_not_ready_and_recovers_when_it
     assert refused["code"] == "provider_unavailable"
     assert spoken.status_code == 503 and spoken.json()["code"] == "provider_unavailable"
     assert back["status"] == "ok" and back["chunks"] > 0
+
+
+async def test_speechcast_listen_moves_to_the_next_daemon_when_its_own_dies(tmp_path):
+    out = tmp_path / "heard.wav"
+    with trio.fail_after(60):
+        async with group() as (daemons, fake, _):
+            speaker, (doomed, other) = await roles(daemons)
+            urls = f"{doomed.ws()},{other.ws()}"
+            listen = await trio.lowlevel.open_process(
+                [str(SPEECHCAST), "listen", "--url", urls, "--out", str(out), "--count", "2"], stderr=subprocess.PIPE
+            )
+            lines = LineReader(listen.stderr)
+            assert (await lines.line()).startswith(f"listening on {doomed.ws()}")
+            async with listening(speaker) as sender:
+                await sender.send(type="send_message", text="Heard through the first daemon.")
+                await sender.until("utterance_finished")
+                assert "ok" in await lines.line()
+                doomed.kill()
+                while not (line := await lines.line()).startswith(f"listening on {other.ws()}"):
+                    pass
+                await sender.send(type="send_message", text="Heard through the second daemon.")
+                await sender.until("utterance_finished", 2)
+            assert await listen.wait() == 0
+    with wave.open(str(out)) as wav:
+        assert wav.getnframes() == 2 * 24000  # both utterances, 1 s each, whole

@@ -1,6 +1,8 @@
 // The speechcast page: finds the daemon's WebSocket through GET /v1/info, stays connected
 // (reconnecting with backoff), plays the stream with AudioPlayer, and logs every event.
-// Page options: ?format=pcm, ?compress=1, ?token=... (passed on to the WebSocket).
+// Page options: ?format=pcm, ?compress=1, ?token=... (passed on to the WebSocket);
+// ?ws=URL,URL...: the WebSockets of daemons serving one audience (docs/scale-out.md), tried
+// in turn at each (re)connection ("/" is this page's own host, e.g. behind one proxy port).
 // "Type as you go" (typing.js) speaks the text box as a streamed utterance while it is typed.
 
 import { AudioPlayer } from "./player.js";
@@ -14,6 +16,8 @@ const params = new URLSearchParams(location.search);
 const format = params.get("format") === "pcm" ? "pcm" : "wav";
 const compress = params.get("compress") === "1";
 const token = params.get("token");
+const wsList = (params.get("ws") || "").split(",").map((u) => u.trim()).filter(Boolean);
+let wsTurn = 0;
 
 const $ = (id) => document.getElementById(id);
 const player = new AudioPlayer({ format });
@@ -129,10 +133,15 @@ function onMessage(message) {
 }
 
 async function webSocketUrl() {
-  const info = await (await fetch("/v1/info", { cache: "no-store" })).json();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const query = new URLSearchParams({ format, compress: compress ? "1" : "0" });
   if (token) query.set("token", token);
+  if (wsList.length) {
+    const url = new URL(wsList[wsTurn++ % wsList.length], `${scheme}://${location.host}/`);
+    for (const [name, value] of query) url.searchParams.set(name, value);
+    return url.toString();
+  }
+  const info = await (await fetch("/v1/info", { cache: "no-store" })).json();
   return `${scheme}://${location.hostname}:${info.ws_port}/?${query}`;
 }
 
