@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
 from pipeline import protocol
 from tests.broker_group import (
@@ -325,3 +327,32 @@ async def test_speechcast_listen_moves_to_the_next_daemon_when_its_own_dies(tmp_
             assert await listen.wait() == 0
     with wave.open(str(out)) as wav:
         assert wav.getnframes() == 2 * 24000  # both utterances, 1 s each, whole
+
+
+async def test_a_speaker_stopped_with_sigterm_finishes_its_utterance_and_hands_over():
+    with trio.fail_after(60):
+        async with group() as (daemons, fake, _):
+            speaker, (edge1, edge2) = await roles(daemons)
+            terms = took_over(daemons)
+            fake.stall_after = 9600
+            async with listening(edge1) as sender, listening(speaker) as on_speaker:
+                await sender.send(type="send_message", text="Finished within the grace.")
+                utt = (await sender.until("accepted"))["utterance_id"]
+                await fake.stalled.wait()
+                speaker.process.send_signal(signal.SIGTERM)
+                await speaker.wait_for("daemon.stopping")
+                fake.release.set()
+                finished = await sender.until("utterance_finished", utterance_id=utt)
+                assert await speaker.process.wait() == 0
+                successor = await next_speaker(daemons, terms)
+                await sender.send(type="send_message", text="Spoken by the next speaker.")
+                after = (await sender.until("accepted", 2))["utterance_id"]
+                spoken = await sender.until("utterance_finished", utterance_id=after)
+                with pytest.raises(ConnectionClosed):  # the speaker's own listeners are told it went away
+                    while True:
+                        on_speaker.messages.append(await on_speaker.ws.get_message())
+    assert finished["status"] == "ok"
+    assert speaker.logged("speaker.released")
+    assert successor in (edge1, edge2) and spoken["status"] == "ok"
+    assert [e["utterance_id"] for e in on_speaker.events("utterance_finished")] == [utt]
+    assert on_speaker.ws.closed is not None and on_speaker.ws.closed.code == 1001
