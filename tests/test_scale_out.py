@@ -320,8 +320,8 @@ async def test_speechcast_listen_moves_to_the_next_daemon_when_its_own_dies(tmp_
                 await sender.until("utterance_finished")
                 assert "ok" in await lines.line()
                 doomed.kill()
-                while not (line := await lines.line()).startswith(f"listening on {other.ws()}"):
-                    pass
+                while not (await lines.line()).startswith(f"listening on {other.ws()}"):
+                    pass  # ("... closed the connection; trying the next daemon")
                 await sender.send(type="send_message", text="Heard through the second daemon.")
                 await sender.until("utterance_finished", 2)
             assert await listen.wait() == 0
