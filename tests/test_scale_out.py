@@ -203,9 +203,16 @@ async def test_set_tts_provider_on_one_daemon_changes_the_next_utterance_everywh
                     started = await listener0.until("utterance_started")
                     await listener0.until("utterance_finished")
                     infos = [await d.info() for d in daemons]
+                    async with httpx.AsyncClient() as http:
+                        metrics = [(await http.get(d.http + "/metrics")).text for d in daemons]
     assert started["provider"] == "openai"
     assert len(openai.speech_requests) == 1 and fake.speech_requests == []
     assert {info["provider"] for info in infos} == {"openai"}
+    # One speaker, as /v1/info and the metric say alike.
+    roles_seen = [info["role"] for info in infos]
+    assert sorted(roles_seen) == ["edge", "edge", "speaker"]
+    for role, text in zip(roles_seen, metrics):
+        assert f"speechcast_speaker {1.0 if role == 'speaker' else 0.0}" in text
 
 
 # ---------------------------------------------------------------- failures

@@ -238,7 +238,13 @@ class SpeakerTerm:
                 if isinstance(item, Frame):
                     encoded = {(fmt, z): encode_frame(item, fmt, z, self.settings.sample_rate) for fmt, z in SHIPPED_VARIANTS}
                     item = Frame(item.utterance_id, item.chunk_id, item.is_final, item.pcm, encoded)
-                fields = [x for pair in wire.encode(item).items() for x in pair]
+                try:
+                    entry = wire.encode(item)
+                except wire.WireError as e:
+                    # A kind nobody listed in wire.KINDS: loud in the log, never fatal.
+                    log.error("broker.unshippable", kind=type(item).__name__, error=str(e))
+                    continue
+                fields = [x for pair in entry.items() for x in pair]
                 entry_id = await self._write_state(_state_of(item), fields)
                 if isinstance(entry_id, bytes):
                     self.last_published = entry_id
