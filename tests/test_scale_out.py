@@ -363,3 +363,26 @@ async def test_a_speaker_stopped_with_sigterm_finishes_its_utterance_and_hands_o
     assert successor in (edge1, edge2) and spoken["status"] == "ok"
     assert [e["utterance_id"] for e in on_speaker.events("utterance_finished")] == [utt]
     assert on_speaker.ws.closed is not None and on_speaker.ws.closed.code == 1001
+
+
+async def test_streamed_text_sent_to_an_edge_is_spoken_to_everyone():
+    with trio.fail_after(60):
+        async with group() as (daemons, fake, _):
+            speaker, (edge1, edge2) = await roles(daemons)
+            async with listening(speaker) as listener, listening(edge1, "?subscribe=0") as writer:
+                await writer.send(type="text_start", text="Streamed over a WebSocket, ")
+                accepted = await writer.until("accepted")
+                await writer.send(type="text_append", utterance_id=accepted["utterance_id"], text="to another daemon.")
+                await writer.send(type="text_end", utterance_id=accepted["utterance_id"])
+                by_socket = await listener.until("utterance_finished", utterance_id=accepted["utterance_id"])
+                async with httpx.AsyncClient() as http:
+                    answer = await http.post(
+                        edge2.http + "/v1/speak",
+                        content=b"Streamed as an HTTP body. It ends with the request.",
+                        headers={"Content-Type": "text/plain"},
+                    )
+                by_http = await listener.until("utterance_finished", utterance_id=answer.json()["utterance_id"])
+    assert accepted["streaming"] is True and by_socket["status"] == "ok"
+    assert answer.status_code == 202 and answer.json()["streaming"] is True and by_http["status"] == "ok"
+    spoken = [r.json["input"] for r in fake.speech_requests]
+    assert "".join(spoken[:1]).startswith("Streamed over a WebSocket")
