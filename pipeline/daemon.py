@@ -7,6 +7,10 @@ the HTTP face, which enters the same pipeline through a clone of the commands ch
                      └── status: the router's last published SessionStatus ────┘
     (intake also puts Join / Leave and its own error replies on the outbox)
 
+With `broker` set, pipeline/broker/scale_out.py takes the router's and the chunker's place:
+commands go to the broker, the broadcaster is fed from it, and the router and chunker run
+on whichever daemon holds the speaker lease (docs/scale-out.md).
+
 The daemon owns the one drain sequence of a graceful stop (`_drain`).
 """
 
