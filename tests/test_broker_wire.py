@@ -122,3 +122,20 @@ def test_the_caddyfile_is_valid():
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- the settings
+
+
+def test_the_broker_setting_takes_a_redis_url_and_never_shows_its_password():
+    from pipeline.config import ConfigError, load_settings
+
+    assert load_settings({}, {}).broker is None
+    assert load_settings({}, {"SPEECHCAST_BROKER": ""}).broker is None  # empty: a daemon alone
+    settings = load_settings({"broker": "redis://:s3cret@10.0.0.5:6379/0", "speaker_lease_s": "2"}, {})
+    assert settings.broker == "redis://:s3cret@10.0.0.5:6379/0" and settings.speaker_lease_s == 2.0
+    assert "s3cret" not in json.dumps(settings.masked())
+    with pytest.raises(ConfigError, match="broker"):
+        load_settings({"broker": "10.0.0.5:6379"}, {})
+    with pytest.raises(ConfigError, match="speaker_lease_s"):
+        load_settings({"speaker_lease_s": "0"}, {})
