@@ -284,9 +284,15 @@ async def test_killing_a_daemon_that_is_not_the_speaker_costs_the_others_nothing
 async def test_without_the_broker_every_daemon_is_not_ready_and_recovers_when_it_returns():
     with trio.fail_after(90):
         async with group() as (daemons, fake, redis):
-            async with httpx.AsyncClient() as http:
+            async with httpx.AsyncClient() as http, listening(daemons[0]) as listener:
                 assert [await d.ready() for d in daemons] == [200, 200, 200]
                 terms = took_over(daemons)
+                fake.stall_after = 9600  # an utterance in the middle when the broker goes
+                async with listening(daemons[2]) as early:
+                    await early.send(type="send_message", text="Cut off by the outage.")
+                    cut_id = (await early.until("accepted"))["utterance_id"]
+                await fake.stalled.wait()
+                await listener.until_frames(2)
                 await redis.stop()
                 for daemon in daemons:
                     await daemon.wait_for("broker.down")
@@ -296,11 +302,14 @@ async def test_without_the_broker_every_daemon_is_not_ready_and_recovers_when_it
                     await client.send(type="send_message", text="Nobody can speak this.")
                     refused = await client.until("error")
                 spoken = await http.post(daemons[2].http + "/v1/speak", json={"text": "Nor this."})
+                fake.stall_after = None
+                fake.release.set()
                 await redis.start()
                 await next_speaker(daemons, terms)
+                cut = await listener.until("utterance_finished", utterance_id=cut_id)
                 while [await d.ready() for d in daemons] != [200, 200, 200]:
                     await trio.sleep(0.1)  # (each daemon's next lease tick, within a second)
-                async with listening(daemons[0]) as listener, listening(daemons[1]) as sender:
+                async with listening(daemons[1]) as sender:
                     await sender.send(type="send_message", text="Spoken once the broker is back.")
                     utt = (await sender.until("accepted"))["utterance_id"]
                     back = await listener.until("utterance_finished", utterance_id=utt)
@@ -309,6 +318,11 @@ async def test_without_the_broker_every_daemon_is_not_ready_and_recovers_when_it
     assert refused["code"] == "provider_unavailable"
     assert spoken.status_code == 503 and spoken.json()["code"] == "provider_unavailable"
     assert back["status"] == "ok" and back["chunks"] > 0
+    # The utterance the outage cut off ended (partial: some of it was heard), and the chunk
+    # ids went on after it although the restarted broker remembered nothing.
+    assert cut["status"] == "partial" and cut["chunks"] >= 2
+    ids = chunk_ids(listener.frames())
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
 
 
 async def test_speechcast_listen_moves_to_the_next_daemon_when_its_own_dies(tmp_path):
