@@ -65,7 +65,9 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-BrokerDown = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Every error of the client counts as "the broker cannot be used now": unreachable, but
+# also an answer such as OOM or READONLY (a replica); every loop retries, none crashes.
+BrokerDown = (redis.RedisError,)
 
 
 class BrokerLink:
@@ -108,7 +110,8 @@ class BrokerLink:
         except BrokerDown as e:
             if self._problem is None:
                 log.warning("broker.down", error=type(e).__name__)
-            self._problem = f"the broker is unreachable ({type(e).__name__})"
+            what = "unreachable" if isinstance(e, (redis.ConnectionError, redis.TimeoutError)) else "refusing commands"
+            self._problem = f"the broker is {what} ({type(e).__name__})"
             raise
         if self._problem is not None:
             log.info("broker.up")
