@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
@@ -82,10 +83,14 @@ class Router:
         *,
         resume: SessionStatus | None = None,
         first_utterance: int = 1,
+        requeue: tuple[Utterance, ...] = (),
+        on_queued: Callable[[Utterance], Awaitable[None]] | None = None,
     ) -> None:
-        """`resume` (a daemon taking over as speaker, docs/scale-out.md): the session and
-        provider its predecessor published, kept instead of opening a fresh session;
-        `first_utterance`: the number after the last utterance id handed out."""
+        """For a daemon taking over as speaker (docs/scale-out.md): `resume`, the session
+        and provider its predecessor published, kept instead of opening a fresh session;
+        `first_utterance`, the number after the last utterance id handed out; `requeue`,
+        utterances its predecessor accepted and never began, queued first; `on_queued`,
+        told of each whole text queued, before it can begin."""
         self.settings = settings
         self.providers = providers
         self.commands = commands
@@ -93,8 +98,11 @@ class Router:
         self.current = resume.provider if resume else TTSProvider(settings.provider)
         self.session = SessionState.CLOSED  # until the daemon initializes itself in `run`
         self.resume = resume
+        self.on_queued = on_queued
         self.stopping = False  # the daemon is shutting down: nothing may (re)open the session
         self.queue = UtteranceQueue()
+        for utt in requeue:
+            self.queue.put(utt)
         self.speaking: tuple[Utterance, trio.CancelScope] | None = None
         self.speaker = Speaker(
             providers,
@@ -215,6 +223,8 @@ class Router:
         if stream is not None:
             self.streams.open(utt.id, asker.conn_id, stream)
             stream.append(command.text, now=asker.received_at)
+        elif self.on_queued is not None:
+            await self.on_queued(utt)
         self.queue.put(utt)
 
     async def _open_stream(self, asker: Envelope, utt_id: str) -> TextStream | None:

@@ -15,7 +15,7 @@ import trio
 import yaml
 
 from pipeline.broker import wire
-from pipeline.broker.items import CommandEntry, HttpAnswer, RequestKey
+from pipeline.broker.items import CommandEntry, HttpAnswer, Queued, RequestKey
 from pipeline.commands import Cancel, SendMessage, TextAppend, TTSProvider
 from pipeline.events import (
     Accepted,
@@ -49,6 +49,7 @@ ITEMS = [
     HttpAnswer(RequestKey("d1", 4), Accepted("u9", 0, streaming=True)),
     CommandEntry(-((7 << 32) + 1), TextAppend("u9", "more text ", flush=True), 0.0, RequestKey("d1", 4)),
     CommandEntry(None, Cancel(all=True), 0.0),
+    Queued("u10", "Spoken by whoever speaks next.", "af_heart", 1.25, TTSProvider.KOKOROS, (3 << 32) + 2, 0.0),
 ]
 
 

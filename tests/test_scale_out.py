@@ -235,13 +235,12 @@ async def test_when_the_speaker_is_killed_midway_another_takes_over_and_nothing_
                 heard_before = len(listener.frames())
                 killed_at = time.time()
                 speaker.kill()
+                fake.stall_after = None  # (the next speaker's requests are answered whole)
                 successor = await next_speaker(daemons, terms)
                 elected = successor.logged("speaker.elected")[-1]
                 cut = await listener.until("utterance_finished", utterance_id=speaking)
-                dropped = await listener.until("utterance_finished", utterance_id=queued)
+                requeued = await listener.until("utterance_finished", utterance_id=queued)
                 await sender.until("utterance_finished", utterance_id=queued)
-                fake.stall_after = None
-                fake.release.set()
                 await sender.send(type="send_message", text="Spoken after the takeover.")
                 after = (await sender.until("accepted", 3))["utterance_id"]
                 spoken = await listener.until("utterance_finished", utterance_id=after)
@@ -251,13 +250,14 @@ async def test_when_the_speaker_is_killed_midway_another_takes_over_and_nothing_
     assert took <= LEASE_S + 1
     assert info["role"] == "speaker"
     assert cut["status"] == "partial" and cut["chunks"] == heard_before
-    assert dropped["status"] == "failed"
+    # The queued text, none of it heard, was spoken whole by the next speaker.
+    assert requeued["status"] == "ok" and requeued["chunks"] > 0
     assert spoken["status"] == "ok" and spoken["chunks"] > 0
     assert len({speaking, queued, after}) == 3
     ids = chunk_ids(listener.frames())
     assert ids == sorted(ids) and len(set(ids)) == len(ids)  # ids never go back
     errors = [e for e in listener.events("error") if e.get("utterance_id") in (speaking, queued)]
-    assert {e["utterance_id"] for e in errors} == {speaking, queued}
+    assert [e["utterance_id"] for e in errors] == [speaking]  # why it was cut off
 
 
 async def test_killing_a_daemon_that_is_not_the_speaker_costs_the_others_nothing():

@@ -18,7 +18,7 @@ import structlog
 import trio
 
 from pipeline.broker import wire
-from pipeline.broker.items import CommandEntry, HttpAnswer, RequestKey
+from pipeline.broker.items import CommandEntry, HttpAnswer, Queued, RequestKey
 from pipeline.broker.link import (
     BLOCK_MS,
     COMMANDS_KEY,
@@ -183,6 +183,8 @@ class OutputReader:
                     if item.to.daemon == self.link.daemon_id:
                         self.forwarder.hand_over(item)
                     continue
+                if isinstance(item, Queued):
+                    continue  # (for the view only: what a next speaker would speak)
                 await self.outbox.send(item)  # type: ignore[arg-type]  # (wire.KINDS: Outgoing items)
         self._progress.set()
         self._progress = trio.Event()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.commands import Command
+from pipeline.commands import Command, TTSProvider
 from pipeline.events import ServerEvent
 
 
@@ -35,3 +35,17 @@ class HttpAnswer:
 
     to: RequestKey
     event: ServerEvent
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A whole text the speaker queued (published just after its `accepted`): what the
+    next speaker needs to speak it, should this one die before it begins."""
+
+    utterance_id: str
+    text: str
+    voice: str | None
+    speed: float | None
+    provider: TTSProvider | None
+    owner: int | None
+    received_at: float

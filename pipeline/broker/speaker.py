@@ -24,7 +24,7 @@ from actors.router import Router
 from pipeline.audio import pcm_ms
 from pipeline.broker import wire
 from pipeline.broker.edge import RETRY_S, OutputReader
-from pipeline.broker.items import CommandEntry, HttpAnswer, RequestKey
+from pipeline.broker.items import CommandEntry, HttpAnswer, Queued, RequestKey
 from pipeline.broker.lease import SpeakerLease
 from pipeline.broker.link import (
     BLOCK_MS,
@@ -61,6 +61,7 @@ from pipeline.flow import (
 from pipeline.metrics import Metrics
 from pipeline.providers.registry import ProviderSet
 from pipeline.session import SessionState
+from pipeline.speaking import Utterance
 
 log = structlog.get_logger()
 
@@ -129,13 +130,13 @@ class SpeakerTerm:
         )
         commands_send, commands_recv = trio.open_memory_channel[Envelope | Shutdown](0)
         speech_send, speech_recv = trio.open_memory_channel[Speech](SPEECH_BUFFER)
-        out_send, out_recv = trio.open_memory_channel[Outgoing | HttpAnswer](OUT_BUFFER)
+        out_send, out_recv = trio.open_memory_channel[Outgoing | HttpAnswer | Queued](OUT_BUFFER)
         self.control = commands_send.clone()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._publish, out_recv)
             self._out = out_send.clone()
-            await self._end_predecessors(resume)
+            requeue = await self._end_predecessors(resume)
             counter = ChunkCounter(0 if last_chunk is None else last_chunk + 1)
             chunker = Chunker(self.settings, speech_recv, out_send, counter)
             await nursery.start(chunker.run)
@@ -147,15 +148,28 @@ class SpeakerTerm:
                 self.metrics,
                 resume=resume,
                 first_utterance=last_utterance + 1,
+                requeue=requeue,
+                on_queued=self._queued,
             )
             await nursery.start(router.run)
             nursery.start_soon(self._read_commands, commands_send, cursor)
 
-    async def _end_predecessors(self, resume: SessionStatus | None) -> None:
-        """End every utterance accepted before this term and not finished: the one that
-        was speaking `partial` (some of it was heard) or `failed`, the queued ones `failed`."""
+    async def _end_predecessors(self, resume: SessionStatus | None) -> tuple[Utterance, ...]:
+        """What becomes of every utterance accepted before this term and not finished: a
+        whole text none of which was heard is spoken again, in its place in the queue
+        (returned, for the router); any other ends now, `partial` if some of it was heard
+        (the one that was speaking), else `failed` (a streamed text that never began)."""
         fallback = resume.provider.value if resume else self.settings.provider
+        requeue = []
         for utt in list(self.view.open.values()):
+            if utt.chunks == 0 and utt.text is not None:
+                queued = utt.text
+                log.info("utterance.requeued", utterance_id=utt.utterance_id)
+                requeue.append(
+                    Utterance(queued.utterance_id, queued.text, queued.voice, queued.speed, queued.provider,
+                              queued.owner, queued.received_at)
+                )
+                continue
             status = Status.PARTIAL if utt.chunks else Status.FAILED
             why = "the daemon speaking it stopped" + (" midway" if utt.chunks else " before it was spoken")
             error = ErrorEvent(ErrorCode.PROVIDER_FAILED, why, utterance_id=utt.utterance_id, recovered=False)
@@ -171,6 +185,12 @@ class SpeakerTerm:
             log.warning("utterance.orphaned", utterance_id=utt.utterance_id, status=status, chunks=utt.chunks)
             await self._out.send(Broadcast(error, also_to=utt.owner))
             await self._out.send(FinishNotice(finished, utt.owner, utt.provider or fallback))
+        return tuple(requeue)
+
+    async def _queued(self, utt: Utterance) -> None:
+        """The router queued a whole text: every daemon learns it, for a next speaker."""
+        item = Queued(utt.id, utt.text, utt.voice, utt.speed, utt.provider, utt.owner, utt.received_at)
+        await self._out.send(item)
 
     # ------------------------------------------------------------ commands in
 
@@ -229,7 +249,7 @@ class SpeakerTerm:
 
     # ------------------------------------------------------------ output out
 
-    async def _publish(self, items: trio.MemoryReceiveChannel[Outgoing | HttpAnswer]) -> None:
+    async def _publish(self, items: trio.MemoryReceiveChannel[Outgoing | HttpAnswer | Queued]) -> None:
         async with items:
             async for item in items:
                 if isinstance(item, Shutdown):

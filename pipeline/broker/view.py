@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pipeline.broker.items import HttpAnswer
+from pipeline.broker.items import HttpAnswer, Queued
 from pipeline.events import Accepted, UtteranceFinished
 from pipeline.flow import (
     Broadcast,
@@ -36,6 +36,7 @@ class OpenUtterance:
     chunks: int = 0
     last_chunk_id: int | None = None
     audio_bytes: int = 0
+    text: Queued | None = None  # a whole text, to be spoken by the next speaker if none of it was heard
 
 
 @dataclass
@@ -53,6 +54,8 @@ class ClusterView:
                 self._accepted(utt_id, to)
             case HttpAnswer(event=Accepted(utterance_id=utt_id)):
                 self._accepted(utt_id, None)
+            case Queued(utterance_id=utt_id, owner=owner):
+                self._accepted(utt_id, owner).text = item
             case StartNotice(event=started):
                 if (utt := self.open.get(started.utterance_id)) is not None:
                     utt.provider = started.provider
@@ -69,7 +72,10 @@ class ClusterView:
             case SessionStatus():
                 self.status = item
 
-    def _accepted(self, utt_id: str, owner: int | None) -> None:
-        self.open[utt_id] = OpenUtterance(utt_id, owner)
+    def _accepted(self, utt_id: str, owner: int | None) -> OpenUtterance:
+        utt = self.open.get(utt_id)
+        if utt is None:
+            utt = self.open[utt_id] = OpenUtterance(utt_id, owner)
         if (number := _NUMBER.match(utt_id)) is not None:
             self.last_utterance = max(self.last_utterance, int(number.group(1)))
+        return utt

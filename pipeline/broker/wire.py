@@ -49,6 +49,7 @@ KINDS: Final[tuple[type, ...]] = (
     flow.Broadcast,
     flow.SessionStatus,
     items.HttpAnswer,
+    items.Queued,
     # the events those carry
     events.Hello,
     events.Ready,
