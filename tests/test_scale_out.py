@@ -236,13 +236,17 @@ async def test_when_the_speaker_is_killed_midway_another_takes_over_and_nothing_
                 killed_at = time.time()
                 speaker.kill()
                 fake.stall_after = None  # (the next speaker's requests are answered whole)
+                # Sent while no daemon speaks: it waits in the broker for the next speaker.
+                await sender.send(type="send_message", text="Sent while nobody speaks.")
                 successor = await next_speaker(daemons, terms)
                 elected = successor.logged("speaker.elected")[-1]
                 cut = await listener.until("utterance_finished", utterance_id=speaking)
                 requeued = await listener.until("utterance_finished", utterance_id=queued)
                 await sender.until("utterance_finished", utterance_id=queued)
+                waited = (await sender.until("accepted", 3))["utterance_id"]
+                meanwhile = await listener.until("utterance_finished", utterance_id=waited)
                 await sender.send(type="send_message", text="Spoken after the takeover.")
-                after = (await sender.until("accepted", 3))["utterance_id"]
+                after = (await sender.until("accepted", 4))["utterance_id"]
                 spoken = await listener.until("utterance_finished", utterance_id=after)
                 info = await successor.info()
     took = logged_at(elected) - killed_at
@@ -252,8 +256,8 @@ async def test_when_the_speaker_is_killed_midway_another_takes_over_and_nothing_
     assert cut["status"] == "partial" and cut["chunks"] == heard_before
     # The queued text, none of it heard, was spoken whole by the next speaker.
     assert requeued["status"] == "ok" and requeued["chunks"] > 0
-    assert spoken["status"] == "ok" and spoken["chunks"] > 0
-    assert len({speaking, queued, after}) == 3
+    assert meanwhile["status"] == "ok" and spoken["status"] == "ok" and spoken["chunks"] > 0
+    assert len({speaking, queued, waited, after}) == 4
     ids = chunk_ids(listener.frames())
     assert ids == sorted(ids) and len(set(ids)) == len(ids)  # ids never go back
     errors = [e for e in listener.events("error") if e.get("utterance_id") in (speaking, queued)]
