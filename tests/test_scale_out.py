@@ -378,6 +378,7 @@ async def test_a_speaker_stopped_with_sigterm_finishes_its_utterance_and_hands_o
                         on_speaker.messages.append(await on_speaker.ws.get_message())
     assert finished["status"] == "ok"
     assert speaker.logged("speaker.released")
+    assert speaker.logged("daemon.stopped")[0]["graceful"] is True
     assert successor in (edge1, edge2) and spoken["status"] == "ok"
     assert [e["utterance_id"] for e in on_speaker.events("utterance_finished")] == [utt]
     assert on_speaker.ws.closed is not None and on_speaker.ws.closed.code == 1001
@@ -404,3 +405,22 @@ async def test_streamed_text_sent_to_an_edge_is_spoken_to_everyone():
     assert answer.status_code == 202 and answer.json()["streaming"] is True and by_http["status"] == "ok"
     spoken = [r.json["input"] for r in fake.speech_requests]
     assert "".join(spoken[:1]).startswith("Streamed over a WebSocket")
+
+
+async def test_an_edge_stopped_with_sigterm_closes_its_own_listeners_and_nobody_else_notices():
+    with trio.fail_after(60):
+        async with group() as (daemons, fake, _):
+            speaker, (stopping, other) = await roles(daemons)
+            terms = took_over(daemons)
+            async with listening(stopping) as leaving, listening(other) as staying:
+                stopping.process.send_signal(signal.SIGTERM)
+                assert await stopping.process.wait() == 0
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        leaving.messages.append(await leaving.ws.get_message())
+                await staying.send(type="send_message", text="Still spoken to the others.")
+                done = await staying.until("utterance_finished")
+    assert leaving.ws.closed is not None and leaving.ws.closed.code == 1001
+    assert done["status"] == "ok"
+    assert took_over(daemons) == terms  # the speaker never changed
+    assert stopping.logged("daemon.stopped")[0]["graceful"] is True
