@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # The browser tests drive Debian's Chromium: Playwright's own browser download cannot work
 # here (no network beyond the package registries), so `make test` installs it when missing.
 CHROMIUM := /usr/bin/chromium
+# The scale-out tests (tests/test_scale_out.py) start real Redis servers: Debian's.
+REDIS := /usr/bin/redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lint bench wheel fuzz soak clean
@@ -13,7 +15,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,broker]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -23,14 +25,18 @@ $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 
-test: $(STAMP) $(CHROMIUM) lint
+$(REDIS):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server
+
+test: $(STAMP) $(CHROMIUM) $(REDIS) lint
 	$(BIN)/python -m pytest -q
 
 # Static types: mypy --strict on pipeline/ and actors/ (settings in setup.cfg).
 lint: $(STAMP)
 	$(BIN)/python -m mypy
 
-bench: $(STAMP)
+bench: $(STAMP) $(REDIS)
 	$(BIN)/python -m bench
 
 # The product: dist/speechcast-<version>-py3-none-any.whl, what deploy/ installs (the web

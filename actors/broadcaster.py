@@ -191,10 +191,11 @@ class Broadcaster:
                 self._push(sub, data)
 
     def _encode(self, frame: Frame, options: SubscriberOptions) -> bytes:
-        """The frame's bytes for one (format, compress) variant."""
-        audio = wav_bytes(frame.pcm, self.settings.sample_rate) if options.format == "wav" else frame.pcm
-        data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, audio)
-        return protocol.compress_frame(data) if options.compress else data
+        """The frame's bytes for one (format, compress) variant (made by the speaker
+        already when the frame came through the broker)."""
+        if frame.encoded is not None and (data := frame.encoded.get((options.format, options.compress))) is not None:
+            return data
+        return encode_frame(frame, options.format, options.compress, self.settings.sample_rate)
 
     def _finished(self, notice: FinishNotice) -> None:
         finished = notice.event
@@ -338,3 +339,10 @@ class Broadcaster:
                 await sub.connection.aclose(code, reason)
             except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the stream is closed either way
+
+
+def encode_frame(frame: Frame, fmt: str, compress: bool, sample_rate: int) -> bytes:
+    """One VOICE_DATA variant of `frame`: its audio as a WAV file or raw PCM, compressed or not."""
+    audio = wav_bytes(frame.pcm, sample_rate) if fmt == "wav" else frame.pcm
+    data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, audio)
+    return protocol.compress_frame(data) if compress else data

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import structlog
 import trio
@@ -93,6 +93,14 @@ CORS_PREFLIGHT: Final = {
 }
 
 
+class Cluster(Protocol):
+    """What the HTTP face asks of a daemon sharing a broker (pipeline/broker/scale_out.py)."""
+
+    def role(self) -> str: ...
+
+    def problem(self) -> str | None: ...
+
+
 class HttpFace:
     """The HTTP actor.
 
@@ -116,6 +124,7 @@ class HttpFace:
         metrics: Metrics,
         ws_port: int,
         web_root: Path = WEB_ROOT,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings
         self.commands = commands
@@ -123,6 +132,7 @@ class HttpFace:
         self.providers = providers
         self.metrics = metrics
         self.ws_port = ws_port
+        self.cluster = cluster  # None: a daemon alone
         self.accepting = True
         self._stop_serving = trio.Event()  # hypercorn's shutdown trigger
         self._stopped = trio.Event()
@@ -187,6 +197,8 @@ class HttpFace:
         reason = None if None in reasons else reasons[0]
         if not self.accepting:
             reason = "the daemon is shutting down"
+        elif self.cluster is not None and (problem := self.cluster.problem()) is not None:
+            reason = problem
         elif reason is None and view.session is not SessionState.OPEN:
             reason = f"the session is {view.session}; send initialize"
         if reason is not None:
@@ -205,6 +217,8 @@ class HttpFace:
                 "provider": view.provider,
                 "providers": list(protocol.PROVIDER_NAMES),
                 "session": view.session,
+                # With a broker: does this daemon speak, or only serve its listeners?
+                **({"role": self.cluster.role()} if self.cluster is not None else {}),
             }
         )
 

@@ -110,12 +110,15 @@ class Intake:
         settings: Settings,
         commands: trio.MemorySendChannel[Envelope],
         outbox: trio.MemorySendChannel[Outgoing],
+        *,
+        first_conn_id: int = 1,
     ) -> None:
         self.settings = settings
         self.commands = commands
         self.outbox = outbox
         self.accepting = True  # until the daemon's drain calls stop_accepting
-        self._ids = itertools.count(1)
+        # (With a broker, each daemon counts from a base of its own: ids are global.)
+        self._ids = itertools.count(first_conn_id)
         self.slots = access.ConnectionSlots(settings.max_connections)
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
@@ -79,15 +80,29 @@ class Router:
         commands: trio.MemoryReceiveChannel[Envelope | Shutdown],
         speech: trio.MemorySendChannel[Speech],
         metrics: Metrics | None = None,
+        *,
+        resume: SessionStatus | None = None,
+        first_utterance: int = 1,
+        requeue: tuple[Utterance, ...] = (),
+        on_queued: Callable[[Utterance], Awaitable[None]] | None = None,
     ) -> None:
+        """For a daemon taking over as speaker (docs/scale-out.md): `resume`, the session
+        and provider its predecessor published, kept instead of opening a fresh session;
+        `first_utterance`, the number after the last utterance id handed out; `requeue`,
+        utterances its predecessor accepted and never began, queued first; `on_queued`,
+        told of each whole text queued, before it can begin."""
         self.settings = settings
         self.providers = providers
         self.commands = commands
         self.speech = speech
-        self.current = TTSProvider(settings.provider)
+        self.current = resume.provider if resume else TTSProvider(settings.provider)
         self.session = SessionState.CLOSED  # until the daemon initializes itself in `run`
+        self.resume = resume
+        self.on_queued = on_queued
         self.stopping = False  # the daemon is shutting down: nothing may (re)open the session
         self.queue = UtteranceQueue()
+        for utt in requeue:
+            self.queue.put(utt)
         self.speaking: tuple[Utterance, trio.CancelScope] | None = None
         self.speaker = Speaker(
             providers,
@@ -98,7 +113,7 @@ class Router:
             metrics=metrics,
             bounds=PieceBounds.from_settings(settings),
         )
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first_utterance)
         # A provider check (start-up, Initialize) gets as long as an HTTP provider's own
         # health check may take; the embedded voice's workers load well within it.
         self.check_timeout = settings.connect_timeout + settings.first_byte_timeout
@@ -112,8 +127,12 @@ class Router:
             self.streams = OpenStreams(self.settings, nursery)
             nursery.start_soon(self._speak_forever)
             # The daemon initializes itself, but listens at once: the provider is checked
-            # in the background and /readyz says "not ready" until it is up.
-            await self._initialize(None)
+            # in the background and /readyz says "not ready" until it is up. A session its
+            # predecessor had closed stays closed (a closing one lost its queue: closed).
+            if self.resume is None or self.resume.state is SessionState.OPEN:
+                await self._initialize(None)
+            else:
+                await self._publish()
             task_status.started()
             async for envelope in self.commands:
                 await self._handle(envelope)
@@ -204,6 +223,8 @@ class Router:
         if stream is not None:
             self.streams.open(utt.id, asker.conn_id, stream)
             stream.append(command.text, now=asker.received_at)
+        elif self.on_queued is not None:
+            await self.on_queued(utt)
         self.queue.put(utt)
 
     async def _open_stream(self, asker: Envelope, utt_id: str) -> TextStream | None:

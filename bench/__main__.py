@@ -8,7 +8,7 @@ import importlib
 import sys
 
 # One entry per module of this package that has a `main()`; add new benchmarks here.
-BENCHES = ["ttfa", "throughput", "fanout", "stream", "opus", "timing"]
+BENCHES = ["ttfa", "throughput", "fanout", "stream", "opus", "timing", "scaleout"]
 
 
 def main(argv: list[str]) -> int:

@@ -63,10 +63,11 @@ async def _sleep_until_ns(due_ns: int, sleep) -> None:
 # ---------------------------------------------------------------- the daemon
 
 
-def run_daemon(pipe: Connection, frames: int, rate: float) -> None:
+def run_daemon(pipe: Connection, frames: int, rate: float, broker: str | None = None) -> None:
     """Process entry: serve the daemon on a free loopback port, send the port on `pipe`,
     run until terminated. Logs below ERROR are silenced (2000 `subscriber.connected`
-    lines would measure the terminal); clients count too-slow closes (code 1013)."""
+    lines would measure the terminal); clients count too-slow closes (code 1013).
+    `broker`: one of several daemons sharing that Redis (bench/scaleout.py)."""
     import trio
 
     from pipeline.config import Settings
@@ -103,6 +104,7 @@ def run_daemon(pipe: Connection, frames: int, rate: float) -> None:
         first_chunks_ms=(),
         fallback=(),
         max_connections=100_000,
+        broker=broker,
     )
     provider = PacedProvider()
 

@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="subscribe and write the next utterances' audio to a WAV file",
         description="Subscribe to the daemon and write the audio of the next COUNT utterances to one WAV file.",
     )
-    listen.add_argument("--url", default=DEFAULT_URL, help=f"daemon WebSocket URL (default {DEFAULT_URL})")
+    listen.add_argument(
+        "--url",
+        action="append",
+        help=f"daemon WebSocket URL (default {DEFAULT_URL}); several (repeated or comma-separated): daemons "
+        "serving one audience, tried in turn when a connection fails or drops (docs/scale-out.md)",
+    )
     listen.add_argument("--out", required=True, metavar="FILE.wav", help="WAV file to write")
     listen.add_argument("--count", type=int, default=1, help="utterances to record (default 1)")
     listen.add_argument("--token", help="listen token, when the daemon requires one")
@@ -304,50 +309,39 @@ async def _await_spoken(ws: WebSocketConnection, utterance_id: str | None = None
 async def listen(args: argparse.Namespace) -> int:
     if args.count < 1:
         return _fail("--count must be at least 1")
-    url = with_query(args.url, format=args.format, token=args.token, timing="words" if args.words else None)
-    pcm = bytearray()
-    rate: int | None = None
-    payloads: list[bytes] = []  # with --format opus: the utterance's packets, decoded at its end
-    started: UtteranceStarted | None = None
-    done = 0
-    try:
-        async with open_websocket_url(url) as ws:
-            print(f"listening on {args.url} for {args.count} utterance(s)…", file=sys.stderr)
-            while done < args.count:
-                message = await ws.get_message()
-                if isinstance(message, bytes) and args.format == "opus":
-                    payloads.append(protocol.decode_voice_frame(message).audio)
-                    continue
-                if isinstance(message, bytes):
-                    chunk_rate, audio = read_wav(protocol.decode_voice_frame(message).audio)
-                    if rate not in (None, chunk_rate):
-                        return _fail(f"sample rate changed from {rate} to {chunk_rate}")
-                    rate = chunk_rate
-                    pcm += audio
-                    continue
-                event = protocol.decode_event(message)
-                if isinstance(event, UtteranceStarted):
-                    started, payloads = event, []
-                elif isinstance(event, Words):
-                    _print_words(event)
-                if isinstance(event, UtteranceFinished):
-                    if started is not None and started.codec == "opus":
-                        from pipeline.opus import decode_utterance  # PyAV takes ~0.3 s to import: only here
-
-                        rate = started.sample_rate
-                        pcm += decode_utterance(payloads, started.pre_skip or 0, rate)[: event.audio_ms * rate // 1000 * 2]
-                    done += 1
-                    print(f"{event.utterance_id} {event.status}: {event.audio_ms / 1000:.2f} s", file=sys.stderr)
-    except (OSError, HandshakeError) as e:
-        return _fail(f"cannot connect to {args.url} ({e}); is `speechcast serve` running?")
-    except ConnectionClosed as e:
-        return _fail(f"the daemon closed the connection ({e.reason})")
+    urls = [u.strip() for given in (args.url or [DEFAULT_URL]) for u in given.split(",") if u.strip()]
+    recording = _Recording(args.count)
+    failed_in_a_row = 0
+    turn = 0
+    # Connect to each URL in turn: a daemon that drops (it died, or stopped) hands the
+    # listener to the next one, which serves the same audience. Give up once every URL
+    # has failed in a row.
+    while not recording.complete:
+        url = urls[turn % len(urls)]
+        turn += 1
+        try:
+            await _record(url, args, recording)
+            failed_in_a_row = 0
+        except (OSError, HandshakeError) as e:
+            failed_in_a_row += 1
+            print(f"cannot connect to {url} ({e})", file=sys.stderr)
+            if failed_in_a_row >= len(urls):
+                return _fail(f"cannot connect to {', '.join(urls)}; is `speechcast serve` running?")
+            continue
+        except ConnectionClosed as e:
+            if len(urls) == 1:
+                return _fail(f"the daemon closed the connection ({e.reason})")
+            print(f"{url} closed the connection ({e.reason}); trying the next daemon", file=sys.stderr)
+            continue
+        except ValueError as e:
+            return _fail(str(e))
+    rate = recording.rate or 24000
     with wave.open(args.out, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
-        out.setframerate(rate or 24000)
-        out.writeframes(bytes(pcm))
-    print(f"wrote {args.out}: {len(pcm) / 2 / (rate or 24000):.2f} s", file=sys.stderr)
+        out.setframerate(rate)
+        out.writeframes(bytes(recording.pcm))
+    print(f"wrote {args.out}: {len(recording.pcm) / 2 / rate:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -358,6 +352,64 @@ def _print_words(event: Words) -> None:
         mark = " ~" if event.estimated else ""
         print(f"{item['start_ms'] / 1000:7.3f} {item['end_ms'] / 1000:7.3f}  {item['word']}{mark}", flush=True)
 
+
+class _Recording:
+    """What `listen` has heard so far, across reconnections."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.pcm = bytearray()
+        self.rate: int | None = None
+        self.done = 0
+        self.last_chunk_id: int | None = None
+        # With --format opus: the utterance being heard and its packets, decoded at its end.
+        self.started: UtteranceStarted | None = None
+        self.payloads: list[bytes] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.count
+
+
+async def _record(url: str, args: argparse.Namespace, recording: _Recording) -> None:
+    """Record from one daemon until the recording is complete (raises what the connection
+    raises; ValueError if the sample rate changes)."""
+    timing = "words" if args.words else None
+    async with open_websocket_url(with_query(url, format=args.format, token=args.token, timing=timing)) as ws:
+        print(f"listening on {url} for {recording.count - recording.done} utterance(s)…", file=sys.stderr)
+        while not recording.complete:
+            message = await ws.get_message()
+            if isinstance(message, bytes):
+                frame = protocol.decode_voice_frame(message)
+                if frame.chunk_id == recording.last_chunk_id:
+                    continue  # (never twice, whatever a reconnection replays)
+                recording.last_chunk_id = frame.chunk_id
+                if args.format == "opus":
+                    recording.payloads.append(frame.audio)
+                    continue
+                chunk_rate, audio = read_wav(frame.audio)
+                if recording.rate not in (None, chunk_rate):
+                    raise ValueError(f"sample rate changed from {recording.rate} to {chunk_rate}")
+                recording.rate = chunk_rate
+                recording.pcm += audio
+                continue
+            event = protocol.decode_event(message)
+            if isinstance(event, UtteranceStarted):
+                if recording.started is None or recording.started.utterance_id != event.utterance_id:
+                    recording.started, recording.payloads = event, []
+            elif isinstance(event, Words):
+                _print_words(event)
+            elif isinstance(event, UtteranceFinished):
+                started = recording.started
+                if started is not None and started.codec == "opus" and started.utterance_id == event.utterance_id:
+                    from pipeline.opus import decode_utterance  # PyAV takes ~0.3 s to import: only here
+
+                    recording.rate = rate = started.sample_rate
+                    pcm = decode_utterance(recording.payloads, started.pre_skip or 0, rate)
+                    recording.pcm += pcm[: event.audio_ms * rate // 1000 * 2]
+                    recording.started, recording.payloads = None, []
+                recording.done += 1
+                print(f"{event.utterance_id} {event.status}: {event.audio_ms / 1000:.2f} s", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -68,6 +68,11 @@ def _url(v: str) -> str | None:
     return None if v.startswith(("http://", "https://")) else "must start with http:// or https://"
 
 
+def _broker_url(v: str) -> str | None:
+    ok = v.startswith(("redis://", "rediss://", "unix://"))
+    return None if ok else "must be a Redis URL: redis://HOST:PORT/DB (or rediss:// or unix://)"
+
+
 def _chunk_steps(v: list[str]) -> str | None:
     try:
         ok = all(int(x) > 0 for x in v)
@@ -113,6 +118,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("ping_interval", float, "seconds between keep-alive pings", _positive),
     Spec("ping_timeout", float, "seconds to wait for a pong before dropping a peer", _positive),
     Spec("close_timeout", float, "seconds to wait for a close handshake", _positive),
+    Spec("broker", str, "Redis URL shared by several daemons serving one audience (docs/scale-out.md); empty = one daemon alone", _broker_url),
+    Spec("speaker_lease_s", float, "seconds the speaker's lease in the broker lasts without renewal", _between(0.5, 60)),
     Spec("kokoros_url", str, "base URL of the Kokoros (or Kokoro-FastAPI) server", _url),
     Spec("kokoros_voice", str, "Kokoros voice"),
     Spec("kokoros_model", str, "Kokoros model name"),
@@ -172,6 +179,8 @@ class Settings:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     close_timeout: float = 5.0
+    broker: str | None = None
+    speaker_lease_s: float = 3.0
     kokoros_url: str = "http://127.0.0.1:3000"
     kokoros_voice: str = "af_heart"
     kokoros_model: str = "kokoro"
@@ -204,7 +213,7 @@ class Settings:
             value = getattr(self, field.name)
             if field.name in SECRET_NAMES and value:
                 value = "***"
-            elif field.name.endswith("_url"):
+            elif (field.name.endswith("_url") or field.name == "broker") and value:
                 value = _mask_url(value)
             out[field.name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -307,8 +316,8 @@ def load_settings(
     for name, (raw, source) in values.items():
         spec = SPECS_BY_NAME[name]
         value = _convert(spec, raw, source)
-        if name in SECRET_NAMES and not value:
-            value = None  # `SPEECHCAST_CONTROL_TOKEN=` means "no token", as if unset
+        if (name in SECRET_NAMES or name == "broker") and not value:
+            value = None  # `SPEECHCAST_CONTROL_TOKEN=` means "no token" (and an empty broker: none), as if unset
         elif spec.check is not None and (why := spec.check(value)):
             raise ConfigError(f"invalid setting {name} = {raw!r} ({source}): {why}")
         if name == "first_chunks_ms":

@@ -7,6 +7,10 @@ the HTTP face, which enters the same pipeline through a clone of the commands ch
                      └── status: the router's last published SessionStatus ────┘
     (intake also puts Join / Leave and its own error replies on the outbox)
 
+With `broker` set, pipeline/broker/scale_out.py takes the router's and the chunker's place:
+commands go to the broker, the broadcaster is fed from it, and the router and chunker run
+on whichever daemon holds the speaker lease (docs/scale-out.md).
+
 The daemon owns the one drain sequence of a graceful stop (`_drain`).
 """
 
@@ -76,9 +80,19 @@ async def serve(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(broadcaster.run)
-        await nursery.start(Chunker(settings, speech_recv, outbox_send.clone()).run)
-        await nursery.start(Router(settings, providers, commands_recv, speech_send, metrics).run)
-        intake = Intake(settings, commands_send, outbox_send)
+        cluster = None
+        if settings.broker:
+            # Several daemons, one audience: the router and chunker run on whichever daemon
+            # holds the broker's lease (docs/scale-out.md). Imported only here, so a daemon
+            # alone never loads the Redis client.
+            from pipeline.broker.scale_out import ScaleOut
+
+            cluster = ScaleOut(settings, providers, commands_recv, outbox_send.clone(), metrics)
+            await nursery.start(cluster.run)
+        else:
+            await nursery.start(Chunker(settings, speech_recv, outbox_send.clone()).run)
+            await nursery.start(Router(settings, providers, commands_recv, speech_send, metrics).run)
+        intake = Intake(settings, commands_send, outbox_send, first_conn_id=cluster.conn_id_base + 1 if cluster else 1)
         port = await nursery.start(intake.run)
         http_face = HttpFace(
             settings,
@@ -87,6 +101,7 @@ async def serve(
             providers=providers,
             metrics=metrics,
             ws_port=port,
+            cluster=cluster,
         )
         http_port = await nursery.start(http_face.run)
         log.info(

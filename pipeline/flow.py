@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -100,12 +101,15 @@ class UtteranceEnd:
 
 @dataclass(frozen=True)
 class Frame:
-    """One audio chunk; encoded to bytes once per (format, compress) variant."""
+    """One audio chunk; encoded to bytes once per (format, compress) variant. `encoded`:
+    those variants made already (by the speaker, when the frame came through the broker:
+    every daemon then sends the same bytes)."""
 
     utterance_id: str
     chunk_id: int
     is_final: bool
     pcm: bytes
+    encoded: Mapping[tuple[str, bool], bytes] | None = None
 
 
 @dataclass(frozen=True)

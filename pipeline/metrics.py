@@ -67,6 +67,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.speaker = Gauge(
+            "speechcast_speaker",
+            "1 on the daemon that speaks (a daemon alone, or the holder of the broker's lease), else 0",
+            registry=self.registry,
+        )
+        self.speaker.set(1)
+
     def utterance_finished(self, provider: str | None, status: str) -> None:
         self.utterances.labels(provider or "none", status).inc()
 

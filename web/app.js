@@ -3,6 +3,8 @@
 // Page options: ?format=opus|pcm|wav, ?compress=1, ?token=... (passed on to the WebSocket).
 // Without ?format the page asks for Opus when the browser decodes it with WebCodecs (a
 // twelfth of PCM's bytes), else for pcm; ?format=opus falls back to pcm the same way.
+// ?ws=URL,URL...: the WebSockets of daemons serving one audience (docs/scale-out.md), tried
+// in turn at each (re)connection ("/" is this page's own host, e.g. behind one proxy port).
 // "Type as you go" (typing.js) speaks the text box as a streamed utterance while it is typed.
 
 import { opusSupported } from "./opus.js";
@@ -19,6 +21,8 @@ const asked = params.get("format");
 const format = asked === "wav" || asked === "pcm" ? asked : (await opusSupported()) ? "opus" : "pcm";
 const compress = params.get("compress") === "1";
 const token = params.get("token");
+const wsList = (params.get("ws") || "").split(",").map((u) => u.trim()).filter(Boolean);
+let wsTurn = 0;
 
 const $ = (id) => document.getElementById(id);
 const player = new AudioPlayer({ format });
@@ -152,10 +156,15 @@ function onMessage(message) {
 }
 
 async function webSocketUrl() {
-  const info = await (await fetch("/v1/info", { cache: "no-store" })).json();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const query = new URLSearchParams({ format, compress: compress ? "1" : "0", timing: "all" });
   if (token) query.set("token", token);
+  if (wsList.length) {
+    const url = new URL(wsList[wsTurn++ % wsList.length], `${scheme}://${location.host}/`);
+    for (const [name, value] of query) url.searchParams.set(name, value);
+    return url.toString();
+  }
+  const info = await (await fetch("/v1/info", { cache: "no-store" })).json();
   return `${scheme}://${location.hostname}:${info.ws_port}/?${query}`;
 }
 
