@@ -45,7 +45,7 @@ from pipeline.flow import (
     TimingNotice,
 )
 from pipeline.metrics import Metrics
-from pipeline.opus import OpusTrack
+from pipeline.opus import OPUS_VARIANT, OpusTrack
 from pipeline.session import SessionState
 
 log = structlog.get_logger()
@@ -104,8 +104,7 @@ class Broadcaster:
                 if isinstance(item, Frame):
                     # Once every other format is on its way (they never wait for Opus). Awaited
                     # before the next item, so each utterance's encoder sees every chunk in order.
-                    payload = await self.opus.encode(item.utterance_id, item.pcm, final=item.is_final)
-                    self._opus_frame(item, payload)
+                    self._opus_frame(await self._opus_bytes(item))
             nursery.cancel_scope.cancel()
 
     def status(self) -> StatusView:
@@ -182,10 +181,17 @@ class Broadcaster:
                     data = variants[key] = self._encode(frame, sub.options)
                 self._push(sub, data)
 
-    def _opus_frame(self, frame: Frame, payload: bytes) -> None:
+    async def _opus_bytes(self, frame: Frame) -> bytes:
+        """The frame's Opus variant: made by the speaker when the frame came through the
+        broker (every daemon then sends the same packets), else encoded here."""
+        if frame.encoded is not None and (data := frame.encoded.get(OPUS_VARIANT)) is not None:
+            return data
+        payload = await self.opus.encode(frame.utterance_id, frame.pcm, final=frame.is_final)
+        return protocol.encode_voice_frame(frame.chunk_id, frame.is_final, payload)
+
+    def _opus_frame(self, data: bytes) -> None:
         """The frame to every opus subscriber: one variant (compress does not apply to Opus)."""
         self._wires.clear()
-        data = protocol.encode_voice_frame(frame.chunk_id, frame.is_final, payload)
         for sub in list(self.subscribers.values()):
             if sub.options.subscribe and sub.options.format == AudioFormat.OPUS:
                 self._push(sub, data)

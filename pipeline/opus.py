@@ -32,6 +32,8 @@ OPUS_RATES: Final = frozenset({8000, 12000, 16000, 24000, 48000})
 # Opus decoders produce 48 kHz; RFC 7845 counts pre-skip at this rate.
 DECODE_RATE: Final = 48000
 FRAME_MS: Final = 20
+# The key of Opus frames among a Frame's encoded variants (compress never applies to Opus).
+OPUS_VARIANT: Final = ("opus", False)
 _LENGTH: Final = struct.Struct("<H")
 # OpusHead (RFC 7845 section 5.1): the pre-skip is the u16 at offset 10.
 _PRE_SKIP_OFFSET: Final = 10

@@ -148,6 +148,8 @@ async def test_every_listener_hears_the_same_bytes_whichever_daemon_got_the_text
                 listening(d2) as wav2,
                 listening(d0, "?format=pcm&compress=1") as packed0,
                 listening(d2, "?format=pcm&compress=1") as packed2,
+                listening(d0, "?format=opus&timing=all") as opus0,
+                listening(d1, "?format=opus&timing=all") as opus1,
                 listening(d1, "?subscribe=0") as sender1,
             ):
                 await wav0.send(type="send_message", text="From the first daemon.")
@@ -160,7 +162,7 @@ async def test_every_listener_hears_the_same_bytes_whichever_daemon_got_the_text
                     spoken = await http.post(d2.http + "/v1/speak", json={"text": "From the third daemon."})
                 assert spoken.status_code == 202
                 third = spoken.json()["utterance_id"]
-                everyone = (wav0, wav1, wav2, packed0, packed2)
+                everyone = (wav0, wav1, wav2, packed0, packed2, opus0, opus1)
                 for listener in everyone:
                     await listener.until("utterance_finished", utterance_id=third)
     ids = [first["utterance_id"], second["utterance_id"], third]
@@ -173,6 +175,12 @@ async def test_every_listener_hears_the_same_bytes_whichever_daemon_got_the_text
     assert len(frames) >= 3 * 2
     assert chunk_ids(frames) == list(range(chunk_ids(frames)[0], chunk_ids(frames)[0] + len(frames)))
     assert chunk_ids(packed0.frames()) == chunk_ids(frames)
+    # Opus too: one encoder per utterance, at the speaker, so the same packets everywhere;
+    # and the word timings cross the broker with the frames.
+    assert opus0.frames() == opus1.frames() and chunk_ids(opus0.frames()) == chunk_ids(frames)
+    assert opus0.events("words") == opus1.events("words")
+    spoken_words = [w["word"] for e in opus0.events("words") for w in e["words"]]
+    assert spoken_words == "From the first daemon From the second daemon From the third daemon".split()
     for listener in everyone:
         finished = listener.events("utterance_finished")
         assert [e["utterance_id"] for e in finished] == ids
@@ -180,7 +188,7 @@ async def test_every_listener_hears_the_same_bytes_whichever_daemon_got_the_text
     # Replies reach the sender only: wav0 was answered, the other listeners were not.
     assert [e["utterance_id"] for e in wav0.events("accepted")] == [first["utterance_id"]]
     assert [e["utterance_id"] for e in sender1.events("accepted")] == [second["utterance_id"]]
-    for listener in (wav1, wav2, packed0, packed2):
+    for listener in (wav1, wav2, packed0, packed2, opus0, opus1):
         assert listener.events("accepted") == []
     # A control-only sender hears the events of its own utterance, not the others'.
     assert [e["utterance_id"] for e in sender1.events("utterance_finished")] == [second["utterance_id"]]

@@ -22,6 +22,7 @@ from actors.broadcaster import encode_frame
 from actors.chunker import ChunkCounter, Chunker
 from actors.router import Router
 from pipeline.audio import pcm_ms
+from pipeline import protocol
 from pipeline.broker import wire
 from pipeline.broker.edge import RETRY_S, OutputReader
 from pipeline.broker.items import CommandEntry, HttpAnswer, Queued, RequestKey
@@ -59,6 +60,7 @@ from pipeline.flow import (
     Speech,
 )
 from pipeline.metrics import Metrics
+from pipeline.opus import OPUS_VARIANT, OpusTrack
 from pipeline.providers.registry import ProviderSet
 from pipeline.session import SessionState
 from pipeline.speaking import Utterance
@@ -98,6 +100,7 @@ class SpeakerTerm:
         view: ClusterView,
     ) -> None:
         self.settings = settings
+        self._opus = OpusTrack(settings.sample_rate, settings.opus_bitrate)
         self.providers = providers
         self.metrics = metrics
         self.link = link
@@ -257,7 +260,12 @@ class SpeakerTerm:
                     return
                 if isinstance(item, Frame):
                     encoded = {(fmt, z): encode_frame(item, fmt, z, self.settings.sample_rate) for fmt, z in SHIPPED_VARIANTS}
+                    # Opus here too: one encoder per utterance, so every daemon sends the same packets.
+                    payload = await self._opus.encode(item.utterance_id, item.pcm, final=item.is_final)
+                    encoded[OPUS_VARIANT] = protocol.encode_voice_frame(item.chunk_id, item.is_final, payload)
                     item = Frame(item.utterance_id, item.chunk_id, item.is_final, item.pcm, encoded)
+                elif isinstance(item, FinishNotice):
+                    self._opus.end(item.event.utterance_id)
                 try:
                     entry = wire.encode(item)
                 except wire.WireError as e:

@@ -44,6 +44,7 @@ KINDS: Final[tuple[type, ...]] = (
     # what the speaker sends every daemon's broadcaster
     flow.Frame,
     flow.StartNotice,
+    flow.TimingNotice,
     flow.FinishNotice,
     flow.Reply,
     flow.Broadcast,
@@ -56,6 +57,10 @@ KINDS: Final[tuple[type, ...]] = (
     events.Accepted,
     events.UtteranceStarted,
     events.UtteranceFinished,
+    events.Words,
+    events.WordTime,
+    events.Visemes,
+    events.VisemeTime,
     events.ProviderChanged,
     events.ErrorEvent,
     events.Cancelled,
