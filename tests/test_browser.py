@@ -202,8 +202,8 @@ def test_the_page_decodes_every_opus_chunk_with_webcodecs_and_plays_it_gaplessly
     assert done["status"] == "ok"
     assert (started["format"], started["codec"], started["pre_skip"]) == ("opus", "opus", 312)
     assert_played(state, started, done)  # the last buffer ends where the announced audio does
-    # The bytes the page shows: Opus is a small fraction of the PCM it stands for.
-    received = page.evaluate("window.speechcast.bytesReceived")
+    # The audio bytes the page shows: Opus is a small fraction of the PCM it stands for.
+    received = page.evaluate("window.speechcast.audioBytesReceived")
     assert received * 10 < done["audio_ms"] * started["sample_rate"] * 2 / 1000
     assert "opus:" in page.inner_text("#bytes") and "received" in page.inner_text("#bytes")
     assert page.errors == []

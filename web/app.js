@@ -34,6 +34,7 @@ window.speechcast = {
   player,
   format, // what this page asked the daemon for
   bytesReceived: 0, // every byte of every message received (text and audio)
+  audioBytesReceived: 0, // the audio frames' bytes alone
   captions,
   events: [], // every event received, in order, as {at, event}
   log: [], // every line of the event log, oldest first, as {kind, text, utteranceId}
@@ -135,9 +136,16 @@ function logFinished(event) {
 }
 
 function countBytes(data) {
-  window.speechcast.bytesReceived += typeof data === "string" ? new Blob([data]).size : data.byteLength;
-  const kb = window.speechcast.bytesReceived / 1000;
-  $("bytes").textContent = `${format}: ${kb < 1000 ? kb.toFixed(1) + " kB" : (kb / 1000).toFixed(2) + " MB"} received`;
+  const size = typeof data === "string" ? new Blob([data]).size : data.byteLength;
+  window.speechcast.bytesReceived += size;
+  if (typeof data !== "string") window.speechcast.audioBytesReceived += size;
+  const sizes = [window.speechcast.bytesReceived, window.speechcast.audioBytesReceived].map(kilo);
+  $("bytes").textContent = `${format}: ${sizes[0]} received (audio ${sizes[1]})`;
+}
+
+function kilo(bytes) {
+  const kb = bytes / 1000;
+  return kb < 1000 ? kb.toFixed(1) + " kB" : (kb / 1000).toFixed(2) + " MB";
 }
 
 function onMessage(message) {
