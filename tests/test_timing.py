@@ -131,10 +131,11 @@ def check_on_sound(got: Received) -> None:
     loud = loud_frames(got.pcm())
     words = got.words
     # Stops ("t", "p") are a closure of silence inside a word, so a short word may be
-    # half quiet; all words together must be mostly sound.
+    # mostly quiet ("it" before "ships": its t is mostly closure); every word must
+    # hold sound, and all words together must be mostly sound (measured: ~94 %).
     spans = [loud[w["start_ms"] // FRAME_MS : max(w["end_ms"] // FRAME_MS, w["start_ms"] // FRAME_MS + 1)] for w in words]
     for w, inside in zip(words, spans):
-        assert inside.mean() >= 0.4, (w, inside.mean())
+        assert inside.mean() >= 0.25 and inside.sum() >= 2, (w, inside.mean())
     overall = np.concatenate(spans).mean()
     assert overall >= 0.85, overall
     # Silences of 150 ms or more (a sentence's end): their middle is inside no word.
