@@ -88,7 +88,7 @@ binary_messages = st.binary(max_size=300)
 
 # Query strings: well-formed pairs, and raw percent-encoded bytes (invalid UTF-8 too).
 query_keys = st.sampled_from(["format", "compress", "subscribe", "token", "timing", "x"]) | st.text(max_size=8)
-query_values = st.sampled_from(["wav", "pcm", "0", "1", "2", ""]) | st.text(max_size=12)
+query_values = st.sampled_from(["wav", "pcm", "opus", "words", "visemes", "all", "0", "1", "2", ""]) | st.text(max_size=12)
 queries = st.lists(st.tuples(query_keys, query_values), max_size=5).map(urllib.parse.urlencode) | st.binary(
     max_size=30
 ).map(lambda raw: urllib.parse.quote_from_bytes(raw, safe="=&"))

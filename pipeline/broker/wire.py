@@ -93,8 +93,8 @@ def decode(fields: Mapping[bytes, bytes]) -> object:
         return _value(json.loads(fields[ITEM_FIELD]), fields)
     except WireError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
-        raise WireError(f"unreadable broker entry ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, ValueError, RecursionError) as e:  # (too deep: RecursionError)
+        raise WireError(f"unreadable broker entry ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _plain(value: Any, blobs: list[bytes]) -> Any:
