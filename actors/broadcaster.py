@@ -186,8 +186,7 @@ class Broadcaster:
         broker (every daemon then sends the same packets), else encoded here."""
         if frame.encoded is not None and (data := frame.encoded.get(OPUS_VARIANT)) is not None:
             return data
-        payload = await self.opus.encode(frame.utterance_id, frame.pcm, final=frame.is_final)
-        return protocol.encode_voice_frame(frame.chunk_id, frame.is_final, payload)
+        return await self.opus.voice_frame(frame)
 
     def _opus_frame(self, data: bytes) -> None:
         """The frame to every opus subscriber: one variant (compress does not apply to Opus)."""

@@ -25,6 +25,9 @@ import structlog
 import trio
 import trio.testing
 
+from pipeline import protocol
+from pipeline.flow import Frame
+
 log = structlog.get_logger()
 
 # The input rates libopus accepts; any other daemon rate is resampled to 48 kHz first.
@@ -219,6 +222,11 @@ class OpusTrack:
         if final:
             self.end(utterance_id)
         return data
+
+    async def voice_frame(self, frame: Frame) -> bytes:
+        """`frame` as an opus subscriber gets it: VOICE_DATA around the chunk's packets."""
+        payload = await self.encode(frame.utterance_id, frame.pcm, final=frame.is_final)
+        return protocol.encode_voice_frame(frame.chunk_id, frame.is_final, payload)
 
     def end(self, utterance_id: str) -> None:
         """The utterance is over (finished or cancelled): its encoder goes."""

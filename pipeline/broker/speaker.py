@@ -22,7 +22,6 @@ from actors.broadcaster import encode_frame
 from actors.chunker import ChunkCounter, Chunker
 from actors.router import Router
 from pipeline.audio import pcm_ms
-from pipeline import protocol
 from pipeline.broker import wire
 from pipeline.broker.edge import RETRY_S, OutputReader
 from pipeline.broker.items import CommandEntry, HttpAnswer, Queued, RequestKey
@@ -261,8 +260,7 @@ class SpeakerTerm:
                 if isinstance(item, Frame):
                     encoded = {(fmt, z): encode_frame(item, fmt, z, self.settings.sample_rate) for fmt, z in SHIPPED_VARIANTS}
                     # Opus here too: one encoder per utterance, so every daemon sends the same packets.
-                    payload = await self._opus.encode(item.utterance_id, item.pcm, final=item.is_final)
-                    encoded[OPUS_VARIANT] = protocol.encode_voice_frame(item.chunk_id, item.is_final, payload)
+                    encoded[OPUS_VARIANT] = await self._opus.voice_frame(item)
                     item = Frame(item.utterance_id, item.chunk_id, item.is_final, item.pcm, encoded)
                 elif isinstance(item, FinishNotice):
                     self._opus.end(item.event.utterance_id)
