@@ -8,6 +8,11 @@ import { OPUS_RATE, OpusUtterance } from "./opus.js";
 // Audio scheduled ahead of the clock when playback (re)starts: room for the next chunk
 // to arrive and decode before the first one has played out.
 const START_LEAD_S = 0.1;
+// Opus goes through WebCodecs: every chunk is a decode and a flush handed to the browser's
+// media thread and back, which a busy machine can hold up for a couple of hundred ms (seen
+// in the full test run on 2 cores), while an utterance's first chunk is only ~34 ms of
+// sound once pre_skip is dropped. More lead there keeps the second chunk in time.
+const START_LEAD_OPUS_S = 0.3;
 // A start time closer to "now" than this could already be late once the node runs.
 const LATE_MARGIN_S = 0.005;
 
@@ -137,7 +142,9 @@ export class AudioPlayer {
   /** Start `buffer` exactly where the previous one ends (or a little ahead after a pause). */
   schedule(buffer, utteranceId) {
     const context = this.context;
-    if (this.nextTime < context.currentTime + LATE_MARGIN_S) this.nextTime = context.currentTime + START_LEAD_S;
+    if (this.nextTime < context.currentTime + LATE_MARGIN_S) {
+      this.nextTime = context.currentTime + (this.format === "opus" ? START_LEAD_OPUS_S : START_LEAD_S);
+    }
     const source = context.createBufferSource();
     source.buffer = buffer;
     source.connect(this.output);
