@@ -191,6 +191,50 @@ def test_the_page_plays_an_utterance_without_gaps(daemon, page, query):
     assert page.errors == []
 
 
+# Feeds the page's player PCM frames of silence by hand: `feed(ids_and_ms)` gives each chunk
+# id its length in ms, and returns where each chunk was scheduled (null: held back).
+FEED_PLAYER = """async ([utterance, chunks, finish]) => {
+    const player = window.speechcast.player;
+    const frame = (chunkId, ms) => {
+        const bytes = new Uint8Array(9 + ms * 24 * 2);
+        const view = new DataView(bytes.buffer);
+        view.setUint32(0, 2, true);
+        view.setUint32(4, chunkId, true);
+        return bytes.buffer;
+    };
+    await player.started({ utterance_id: utterance, sample_rate: 24000 });
+    const seen = [];
+    for (const [chunkId, ms] of chunks) {
+        await player.frame(frame(chunkId, ms));
+        seen.push(player.timeline.filter((c) => c.utteranceId === utterance).map((c) => c.start));
+    }
+    if (finish) await player.finished({ utterance_id: utterance, status: "ok", audio_ms: 0 });
+    return seen;
+}"""
+
+
+def test_the_player_starts_once_enough_sound_is_in_hand_not_on_a_short_first_chunk(daemon, page):
+    open_page(page, daemon, "?format=pcm")
+    # A 40 ms first chunk alone would leave the next one 140 ms to arrive and decode: held.
+    seen = page.evaluate(FEED_PLAYER, ["a", [[0, 40], [1, 80], [2, 160], [3, 320]], True])
+    assert seen[0] == [None]
+    assert seen[1] == [None, None]
+    # 280 ms in hand: all three start, one after the other; the next follows directly.
+    starts = seen[3]
+    assert None not in starts
+    assert [round(b - a, 3) for a, b in itertools.pairwise(starts)] == [0.04, 0.08, 0.16]
+    # After a silence, an utterance that ends short is played at its end, whatever is in hand.
+    wait_for(page, "window.speechcast.player.playing() === 0", timeout=WAIT_MS)
+    seen = page.evaluate(FEED_PLAYER, ["b", [[4, 40]], True])
+    assert seen == [[None]]
+    assert page.evaluate("window.speechcast.timeline.at(-1).start") is not None
+    # A lone short chunk (a provider trickling audio) is not held for ever.
+    wait_for(page, "window.speechcast.player.playing() === 0", timeout=WAIT_MS)
+    page.evaluate(FEED_PLAYER, ["c", [[5, 40]], False])
+    wait_for(page, "window.speechcast.timeline.at(-1).start !== null", timeout=WAIT_MS)
+    assert page.errors == []
+
+
 def test_the_page_decodes_every_opus_chunk_with_webcodecs_and_plays_it_gaplessly(daemon, page):
     # No ?format: a browser with WebCodecs asks for Opus by itself.
     open_page(page, daemon, "")

@@ -5,14 +5,18 @@
 import { VOICE_DATA, parseFrame } from "./frames.js";
 import { OPUS_RATE, OpusUtterance } from "./opus.js";
 
-// Audio scheduled ahead of the clock when playback (re)starts: room for the next chunk
-// to arrive and decode before the first one has played out.
+// When playback (re)starts, decoded chunks are held until this much sound is in hand (or
+// START_WAIT_S has passed since the first of them, or the utterance ends), then scheduled
+// START_LEAD_S ahead of the clock. An utterance's first chunk is short (40 ms) for a quick
+// start; played alone, the next one had to arrive and decode within 140 ms, which a busy
+// 2-core machine missed (seen in CI). Chunks of one piece arrive together, so holding
+// costs milliseconds, and every later chunk then has the whole cushion to arrive in.
+const START_BUFFER_S = 0.25;
+const START_WAIT_S = 0.15;
 const START_LEAD_S = 0.1;
 // Opus goes through WebCodecs: every chunk is a decode and a flush handed to the browser's
-// media thread and back, which a busy machine can hold up for a couple of hundred ms (seen
-// in the full test run on 2 cores), while an utterance's first chunk is only ~34 ms of
-// sound once pre_skip is dropped. More lead there keeps the second chunk in time.
-const START_LEAD_OPUS_S = 0.3;
+// media thread and back, which a busy machine can hold up for a couple of hundred ms.
+const START_LEAD_OPUS_S = 0.2;
 // A start time closer to "now" than this could already be late once the node runs.
 const LATE_MARGIN_S = 0.005;
 
@@ -29,6 +33,8 @@ export class AudioPlayer {
     this.cancelled = new Set();
     this.timeline = []; // per chunk: {chunkId, utteranceId, start, duration, ok}
     this.decodeErrors = []; // {chunkId, utteranceId, message}
+    this.held = []; // {buffer, entry} decoded while (re)starting, not yet scheduled
+    this.holdTimer = null;
     this.work = Promise.resolve();
   }
 
@@ -81,6 +87,7 @@ export class AudioPlayer {
   finished(event) {
     if (event.status === "cancelled") this.stop([event.utterance_id]);
     return this.enqueue(() => {
+      this.startHeld();
       if (this.format === "opus" && event.status !== "cancelled") this.trimLast(event.utterance_id, event.audio_ms / 1000);
       if (this.current?.id !== event.utterance_id) return;
       this.current.opus?.close();
@@ -114,9 +121,31 @@ export class AudioPlayer {
       entry.ok = true;
       if (buffer === null) return; // an opus chunk that completed no 20 ms packet
       entry.duration = buffer.duration;
-      entry.start = this.schedule(buffer, entry.utteranceId);
-      this.last = { entry, source: this.lastSource };
+      if (this.held.length === 0 && this.nextTime >= this.context.currentTime + LATE_MARGIN_S) {
+        this.schedule(buffer, entry);
+      } else {
+        this.hold(buffer, entry);
+      }
     });
+  }
+
+  /** Keep `buffer` until enough sound is in hand to start without running dry. */
+  hold(buffer, entry) {
+    this.held.push({ buffer, entry });
+    const seconds = this.held.reduce((sum, h) => sum + h.entry.duration, 0);
+    if (seconds >= START_BUFFER_S) this.startHeld();
+    else if (this.holdTimer === null) {
+      this.holdTimer = setTimeout(() => this.enqueue(() => this.startHeld()), START_WAIT_S * 1000);
+    }
+  }
+
+  /** Schedule what is held, the first of it a lead ahead of the clock. */
+  startHeld() {
+    clearTimeout(this.holdTimer);
+    this.holdTimer = null;
+    const held = this.held;
+    this.held = [];
+    for (const { buffer, entry } of held) this.schedule(buffer, entry);
   }
 
   async decode(audio, sampleRate, utterance) {
@@ -139,8 +168,10 @@ export class AudioPlayer {
     return buffer;
   }
 
-  /** Start `buffer` exactly where the previous one ends (or a little ahead after a pause). */
-  schedule(buffer, utteranceId) {
+  /** Start `buffer` exactly where the previous one ends (or a little ahead after a pause);
+   *  `entry` (its timeline line) gets the start time. */
+  schedule(buffer, entry) {
+    const utteranceId = entry.utteranceId;
     const context = this.context;
     if (this.nextTime < context.currentTime + LATE_MARGIN_S) {
       this.nextTime = context.currentTime + (this.format === "opus" ? START_LEAD_OPUS_S : START_LEAD_S);
@@ -151,7 +182,8 @@ export class AudioPlayer {
     const start = this.nextTime;
     source.start(start);
     this.nextTime = start + buffer.duration;
-    this.lastSource = source;
+    entry.start = start;
+    this.last = { entry, source };
     if (!this.sources.has(utteranceId)) this.sources.set(utteranceId, new Set());
     const set = this.sources.get(utteranceId);
     set.add(source);
@@ -159,7 +191,6 @@ export class AudioPlayer {
       set.delete(source);
       if (set.size === 0) this.sources.delete(utteranceId);
     };
-    return start;
   }
 
   /** Opus decodes whole 20 ms packets: the last one runs on (in silence) past the audio
@@ -183,6 +214,7 @@ export class AudioPlayer {
 
   /** Silence the given utterances now and drop their chunks still on the way. */
   stop(utteranceIds) {
+    this.held = this.held.filter((h) => !utteranceIds.includes(h.entry.utteranceId));
     for (const id of utteranceIds) {
       this.cancelled.add(id);
       for (const source of this.sources.get(id) ?? []) {
