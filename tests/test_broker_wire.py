@@ -180,3 +180,54 @@ async def test_any_entry_decodes_to_an_item_or_a_wire_error(fields):
         wire.decode(fields)
     except wire.WireError:
         pass
+
+
+
+def with_field(item: object, path: list[str], value: object) -> dict[bytes, bytes]:
+    """`item`'s entry with the field at `path` (into nested items) set to the JSON `value`."""
+    fields = wire.encode(item)
+    plain = json.loads(fields[wire.ITEM_FIELD])
+    inner = plain
+    for name in path[:-1]:
+        inner = inner["f"][name]
+    inner["f"][path[-1]] = value
+    return {**fields, wire.ITEM_FIELD: json.dumps(plain).encode()}
+
+
+@pytest.mark.parametrize(
+    ("item", "path", "value"),
+    [
+        (ITEMS[0], ["chunk_id"], "41"),  # the broadcaster packs it into 4 bytes
+        (ITEMS[0], ["pcm"], "raw"),  # audio that is text
+        (ITEMS[0], ["encoded"], {"$t": []}),  # a tuple where a mapping goes
+        (ITEMS[4], ["event", "status"], "partial"),  # not the Status enum
+        (ITEMS[4], ["event", "chunks"], 3.5),
+        (ITEMS[1], ["event", "words"], {"$t": ["Hello"]}),  # words that are not WordTime
+        (ITEMS[10], ["command"], json.loads(wire.encode(Reply(3, Cancelled(("u1",))))[wire.ITEM_FIELD])),  # not a command
+        (ITEMS[10], ["conn_id"], "7"),
+        (ITEMS[10], ["no_such_field"], 1),
+    ],
+    ids=["chunk_id", "pcm", "encoded", "status", "chunks", "words", "command", "conn_id", "extra field"],
+)
+async def test_a_field_of_the_wrong_type_is_refused_not_handed_on(item, path, value):
+    # A foreign writer's Frame whose chunk_id is a string would otherwise reach the
+    # broadcaster, which counts on a number; the readers skip a WireError and log it.
+    with pytest.raises(wire.WireError):
+        wire.decode(with_field(item, path, value))
+
+
+
+async def test_the_state_hash_reads_back_what_publishing_wrote():
+    state: dict[bytes, bytes] = {b"cursor": b"17-0"}
+    for item in [Frame("u7", 41, False, b""), HttpAnswer(RequestKey("d1", 4), Accepted("u9", 0)), ITEMS[8]]:
+        pairs = wire.state_change(item)
+        state.update({str(k).encode(): str(v).encode() for k, v in zip(pairs[::2], pairs[1::2], strict=True)})
+    assert wire.read_state(state) == wire.SpeakerState(b"17-0", 41, 9, SessionStatus(SessionState.CLOSING, TTSProvider.OPENAI))
+
+
+@settings(max_examples=200, deadline=None)
+@given(state=st.dictionaries(st.sampled_from([b"cursor", b"chunk", b"utterance", b"session", b"provider", b"x"]), st.binary(max_size=6) | st.sampled_from([b"open", b"piper", b"7"])))
+async def test_a_broken_state_hash_reads_as_unknown_values_not_an_exception(state):
+    # The next speaker reads it on taking over; an exception there would end its lease loop.
+    read = wire.read_state(state)
+    assert read.chunk is None or read.chunk == int(state[b"chunk"])

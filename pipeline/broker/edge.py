@@ -31,8 +31,7 @@ from pipeline.broker.link import (
 from pipeline.broker.view import ClusterView
 from pipeline.commands import TTSProvider
 from pipeline.events import ErrorCode, ErrorEvent, ServerEvent
-from pipeline.flow import Envelope, Outgoing, Reply, SessionStatus
-from pipeline.session import SessionState
+from pipeline.flow import Envelope, Outgoing, Reply
 
 log = structlog.get_logger()
 
@@ -162,8 +161,7 @@ class OutputReader:
         newest = await self.link.call(self.link.redis.xrevrange, OUT_KEY, count=1)
         state = await self.link.call(self.link.redis.hgetall, STATE_KEY)
         self.last_id = newest[0][0] if newest else b"0-0"
-        if b"session" in state and b"provider" in state:
-            status = SessionStatus(SessionState(state[b"session"].decode()), TTSProvider(state[b"provider"].decode()))
+        if (status := wire.read_state(state).status) is not None:
             self.view.see(status)
             await self.outbox.send(status)
 

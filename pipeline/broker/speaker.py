@@ -37,10 +37,8 @@ from pipeline.broker.link import (
     BrokerLink,
 )
 from pipeline.broker.view import ClusterView
-from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.events import (
-    Accepted,
     ErrorCode,
     ErrorEvent,
     ServerEvent,
@@ -53,7 +51,6 @@ from pipeline.flow import (
     FinishNotice,
     Frame,
     Outgoing,
-    Reply,
     SessionStatus,
     Shutdown,
     Speech,
@@ -61,7 +58,6 @@ from pipeline.flow import (
 from pipeline.metrics import Metrics
 from pipeline.opus import OPUS_VARIANT, OpusTrack
 from pipeline.providers.registry import ProviderSet
-from pipeline.session import SessionState
 from pipeline.speaking import Utterance
 
 log = structlog.get_logger()
@@ -116,13 +112,11 @@ class SpeakerTerm:
         newest = await self._retrying(self.link.redis.xrevrange, OUT_KEY, count=1)
         if newest:
             await self.reader.reached(newest[0][0])  # the view holds everything published
-        state = await self._retrying(self.link.redis.hgetall, STATE_KEY)
-        cursor = state.get(b"cursor", b"0-0")
-        last_chunk = int(state[b"chunk"]) if b"chunk" in state else self.view.last_chunk_id
-        last_utterance = max(int(state.get(b"utterance", 0)), self.view.last_utterance)
-        resume = self.view.status
-        if b"session" in state and b"provider" in state:
-            resume = SessionStatus(SessionState(state[b"session"].decode()), TTSProvider(state[b"provider"].decode()))
+        state = wire.read_state(await self._retrying(self.link.redis.hgetall, STATE_KEY))
+        cursor = state.cursor
+        last_chunk = state.chunk if state.chunk is not None else self.view.last_chunk_id
+        last_utterance = max(state.utterance or 0, self.view.last_utterance)
+        resume = state.status or self.view.status
         log.info(
             "speaker.took_over",
             daemon=self.link.daemon_id,
@@ -271,7 +265,7 @@ class SpeakerTerm:
                     log.error("broker.unshippable", kind=type(item).__name__, error=str(e))
                     continue
                 fields = [x for pair in entry.items() for x in pair]
-                entry_id = await self._write_state(_state_of(item), fields)
+                entry_id = await self._write_state(wire.state_change(item), fields)
                 if isinstance(entry_id, bytes):
                     self.last_published = entry_id
 
@@ -297,18 +291,3 @@ class SpeakerTerm:
                 return await self.link.call(fn, *args, **kwargs)
             except BrokerDown:
                 await trio.sleep(RETRY_S)
-
-
-def _state_of(item: object) -> list[bytes | str]:
-    """What a published item changes in the broker's state hash."""
-    match item:
-        case Frame(chunk_id=chunk_id):
-            return ["chunk", str(chunk_id)]
-        case Reply(event=Accepted(utterance_id=utt_id)) | HttpAnswer(event=Accepted(utterance_id=utt_id)):
-            number = utt_id.removeprefix("u")
-            return ["utterance", number] if number.isdigit() else []
-        case SessionStatus(state=state, provider=provider):
-            return ["session", state.value, "provider", provider.value]
-    return []
-
-

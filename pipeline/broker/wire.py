@@ -8,20 +8,25 @@ CLOCK_FIELDS is a reading of the trio clock, which means nothing in another proc
 crosses as wall-clock time and is turned back into the receiver's trio clock.
 
 Shipping a new item kind is one line: add its class (and any dataclass or enum it carries)
-to KINDS. Only classes listed there are ever built from an entry, so a broker entry can
-never make this process run anything else.
+to KINDS. Only classes listed there are ever built from an entry, and only from values of
+the types their fields declare (typeguard checks each one), so a broker entry written by
+anything else can never make this process run other code or hand a reader a string where
+it counts on a number.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import time
+import typing
 from collections.abc import Mapping
 from typing import Any, Final
 
 import trio
+import typeguard
 
 from pipeline import commands, events, flow
 from pipeline.broker import items
@@ -145,4 +150,60 @@ def _value(plain: Any, fields: Mapping[bytes, bytes]) -> Any:
         raise WireError(f"unknown kind {name!r} in a broker entry")
     if "$e" in plain:
         return cls(plain["v"])
-    return cls(**{k: _value(v, fields) for k, v in plain["f"].items()})
+    values = {k: _value(v, fields) for k, v in plain["f"].items()}
+    hints = _field_types(cls)
+    for name, value in values.items():
+        if name not in hints:
+            raise WireError(f"{name!r} is not a field of {cls.__name__}")
+        try:
+            typeguard.check_type(value, hints[name])
+        except typeguard.TypeCheckError as e:
+            raise WireError(f"{cls.__name__}.{name}: {e}"[:300]) from None
+    return cls(**values)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The declared type of each field of the dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)}
+
+
+def state_change(item: object) -> list[bytes | str]:
+    """What publishing `item` changes in the state hash (HSET arguments; read_state reads it)."""
+    match item:
+        case flow.Frame(chunk_id=chunk_id):
+            return ["chunk", str(chunk_id)]
+        case flow.Reply(event=events.Accepted(utterance_id=utt_id)) | items.HttpAnswer(event=events.Accepted(utterance_id=utt_id)):
+            number = utt_id.removeprefix("u")
+            return ["utterance", number] if number.isdigit() else []
+        case flow.SessionStatus(state=state, provider=provider):
+            return ["session", state.value, "provider", provider.value]
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeakerState:
+    """The broker's state hash as the last speaker left it: the command stream's cursor,
+    the last chunk id and utterance number, and the session. A missing or broken value is
+    None (the reader falls back on what it has seen), never an exception."""
+
+    cursor: bytes = b"0-0"
+    chunk: int | None = None
+    utterance: int | None = None
+    status: flow.SessionStatus | None = None
+
+
+def read_state(state: Mapping[bytes, bytes]) -> SpeakerState:
+    """Read the state hash (HGETALL). Error handling: a value that does not parse is None."""
+
+    def number(key: bytes) -> int | None:
+        text = state.get(key, b"")
+        return int(text) if text.isdigit() else None
+
+    status = None
+    try:
+        status = flow.SessionStatus(SessionState(state[b"session"].decode()), commands.TTSProvider(state[b"provider"].decode()))
+    except (KeyError, ValueError):
+        pass
+    return SpeakerState(state.get(b"cursor", b"0-0"), number(b"chunk"), number(b"utterance"), status)
