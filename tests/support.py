@@ -21,6 +21,11 @@ from pipeline.providers.piper import PiperProvider
 from pipeline.providers.registry import ProviderSet
 
 
+def ws_url(port: int, query: str = "") -> str:
+    """The WebSocket address of a daemon listening on loopback `port`."""
+    return f"ws://127.0.0.1:{port}/{query}"
+
+
 def tone(n_samples: int, value: int = 1000) -> bytes:
     """Recognisable PCM: a ramp so that any reordering or loss shows."""
     return b"".join(((value + i) % 30000).to_bytes(2, "little", signed=True) for i in range(n_samples))

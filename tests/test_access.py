@@ -17,10 +17,26 @@ from structlog.testing import capture_logs
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from actors.websocket import keep_alive
-from pipeline.access import ConnectionSlots, Grant, HandshakeError, TokenBucket, admit, grant_for
+from pipeline.access import (
+    ConnectionSlots,
+    Grant,
+    HandshakeError,
+    TokenBucket,
+    admit,
+    grant_for,
+)
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
-from tests.support import Heard, ScriptedProvider, finished, of_type, provider_set, receive_until, send
+from tests.support import (
+    Heard,
+    ScriptedProvider,
+    finished,
+    of_type,
+    provider_set,
+    receive_until,
+    send,
+    ws_url,
+)
 from tests.test_slow_subscribers import never_reading_client
 
 BASE = Settings(port=0, http_port=0)
@@ -147,10 +163,6 @@ async def test_keep_alive_keeps_an_answering_peer(autojump_clock):
 # ---------------------------------------------------------------- the daemon, on loopback
 
 
-def url(daemon, query: str = "") -> str:
-    return f"ws://127.0.0.1:{daemon.port}/{query}"
-
-
 async def refused_status(address: str, headers: list[tuple[bytes, bytes]] | None = None) -> int:
     with pytest.raises(ConnectionRejected) as refused:
         async with open_websocket_url(address, extra_headers=headers):
@@ -162,10 +174,10 @@ async def test_listen_token_required_to_connect_and_bearer_works():
     settings = dataclasses.replace(BASE, listen_token=LISTEN)
     with trio.fail_after(30), capture_logs() as logs:
         async with running_daemon(settings, provider_set(settings, ScriptedProvider())) as daemon:
-            assert await refused_status(url(daemon)) == 401
-            assert await refused_status(url(daemon, "?token=wrong")) == 401
-            assert await refused_status(url(daemon), bearer("wrong")) == 401
-            async with open_websocket_url(url(daemon), extra_headers=bearer(LISTEN)) as ws:
+            assert await refused_status(ws_url(daemon.port)) == 401
+            assert await refused_status(ws_url(daemon.port, "?token=wrong")) == 401
+            assert await refused_status(ws_url(daemon.port), bearer("wrong")) == 401
+            async with open_websocket_url(ws_url(daemon.port), extra_headers=bearer(LISTEN)) as ws:
                 heard = Heard()
                 await receive_until(ws, heard, of_type("hello"))
                 # Without a control token configured, a valid listen token may command too.
@@ -180,8 +192,8 @@ async def test_without_the_control_token_commands_are_unauthorized_but_listening
     provider = ScriptedProvider()
     with trio.fail_after(30), capture_logs() as logs:
         async with running_daemon(settings, provider_set(settings, provider)) as daemon:
-            async with open_websocket_url(url(daemon, f"?token={LISTEN}")) as listener, open_websocket_url(
-                url(daemon, "?subscribe=0"), extra_headers=bearer(CONTROL)
+            async with open_websocket_url(ws_url(daemon.port, f"?token={LISTEN}")) as listener, open_websocket_url(
+                ws_url(daemon.port, "?subscribe=0"), extra_headers=bearer(CONTROL)
             ) as control:
                 heard, heard_control = Heard(), Heard()
                 await receive_until(listener, heard, of_type("hello"))
@@ -200,9 +212,9 @@ async def test_with_only_a_control_token_anyone_listens_and_a_wrong_token_is_ref
     settings = dataclasses.replace(BASE, control_token=CONTROL)
     with trio.fail_after(30):
         async with running_daemon(settings, provider_set(settings, ScriptedProvider())) as daemon:
-            assert await refused_status(url(daemon, "?token=guess")) == 401
-            async with open_websocket_url(url(daemon)) as anyone, open_websocket_url(
-                url(daemon, f"?token={CONTROL}&subscribe=0")
+            assert await refused_status(ws_url(daemon.port, "?token=guess")) == 401
+            async with open_websocket_url(ws_url(daemon.port)) as anyone, open_websocket_url(
+                ws_url(daemon.port, f"?token={CONTROL}&subscribe=0")
             ) as control:
                 heard, heard_control = Heard(), Heard()
                 await send(anyone, type="initialize")
@@ -217,10 +229,10 @@ async def test_a_browser_from_another_origin_is_refused_with_403():
     settings = dataclasses.replace(BASE, allowed_origins=("http://127.0.0.1:8766",))
     with trio.fail_after(30):
         async with running_daemon(settings, provider_set(settings, ScriptedProvider())) as daemon:
-            assert await refused_status(url(daemon), [(b"origin", b"https://evil.example")]) == 403
-            async with open_websocket_url(url(daemon), extra_headers=[(b"origin", b"http://127.0.0.1:8766")]) as ws:
+            assert await refused_status(ws_url(daemon.port), [(b"origin", b"https://evil.example")]) == 403
+            async with open_websocket_url(ws_url(daemon.port), extra_headers=[(b"origin", b"http://127.0.0.1:8766")]) as ws:
                 await receive_until(ws, Heard(), of_type("hello"))
-            async with open_websocket_url(url(daemon)) as ws:  # no Origin: not a browser
+            async with open_websocket_url(ws_url(daemon.port)) as ws:  # no Origin: not a browser
                 await receive_until(ws, Heard(), of_type("hello"))
 
 
@@ -228,26 +240,26 @@ async def test_past_max_connections_the_handshake_gets_503_until_one_leaves():
     settings = dataclasses.replace(BASE, max_connections=2)
     with trio.fail_after(30):
         async with running_daemon(settings, provider_set(settings, ScriptedProvider())) as daemon:
-            async with open_websocket_url(url(daemon)) as one:
+            async with open_websocket_url(ws_url(daemon.port)) as one:
                 await receive_until(one, Heard(), of_type("hello"))
-                async with open_websocket_url(url(daemon)) as two:
+                async with open_websocket_url(ws_url(daemon.port)) as two:
                     await receive_until(two, Heard(), of_type("hello"))
-                    assert await refused_status(url(daemon)) == 503
+                    assert await refused_status(ws_url(daemon.port)) == 503
                     await send(one, type="set_tts_provider", provider="piper")  # the others are unaffected
                     await receive_until(one, Heard(), of_type("provider_changed"))
                 # Once the daemon has finished with the closed connection, its slot is free.
                 await trio.testing.wait_all_tasks_blocked()
-                async with open_websocket_url(url(daemon)) as three:
+                async with open_websocket_url(ws_url(daemon.port)) as three:
                     await receive_until(three, Heard(), of_type("hello"))
-                    assert await refused_status(url(daemon)) == 503
+                    assert await refused_status(ws_url(daemon.port)) == 503
 
 
 async def test_a_client_frame_over_64_kib_closes_that_connection_with_1009():
     provider = ScriptedProvider()
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, provider)) as daemon:
-            async with open_websocket_url(url(daemon)) as other:
-                async with open_websocket_url(url(daemon)) as ws:
+            async with open_websocket_url(ws_url(daemon.port)) as other:
+                async with open_websocket_url(ws_url(daemon.port)) as ws:
                     await receive_until(ws, Heard(), of_type("hello"))
                     await ws.send_message("x" * (BASE.max_message_size + 1))
                     with pytest.raises(ConnectionClosed) as closed:
@@ -268,7 +280,7 @@ async def test_commands_past_the_rate_limit_get_rate_limited_then_pass_again():
     settings = dataclasses.replace(BASE, rate_limit=1.0, rate_burst=2)
     with trio.fail_after(30), capture_logs() as logs:
         async with running_daemon(settings, provider_set(settings, ScriptedProvider())) as daemon:
-            async with open_websocket_url(url(daemon)) as ws, open_websocket_url(url(daemon)) as other:
+            async with open_websocket_url(ws_url(daemon.port)) as ws, open_websocket_url(ws_url(daemon.port)) as other:
                 heard = Heard()
                 for _ in range(4):
                     await send(ws, type="set_tts_provider", provider="piper")
@@ -294,7 +306,7 @@ async def test_a_peer_that_stops_answering_pings_is_closed_and_others_stay():
     settings = dataclasses.replace(BASE, ping_interval=0.2, ping_timeout=0.3, close_timeout=0.5)
     with trio.fail_after(30), capture_logs() as logs:
         async with running_daemon(settings, provider_set(settings, ScriptedProvider())) as daemon:
-            async with open_websocket_url(url(daemon)) as healthy:
+            async with open_websocket_url(ws_url(daemon.port)) as healthy:
                 await receive_until(healthy, Heard(), of_type("hello"))
                 dead = await never_reading_client(daemon.port)
                 # The daemon closes the dead peer's TCP connection: read until its end.

@@ -23,13 +23,10 @@ from tests.support import (
     provider_set,
     receive_until,
     send,
+    ws_url,
 )
 
 BASE = Settings(port=0, http_port=0)
-
-
-def url(daemon, query: str = "") -> str:
-    return f"ws://127.0.0.1:{daemon.port}/{query}"
 
 
 def check_stream(heard: Heard, sample_rate: int) -> None:
@@ -56,7 +53,7 @@ async def test_two_subscribers_hear_exactly_what_the_voice_produced():
     piper = RecordingPiper()
     with trio.fail_after(30):
         async with running_daemon(settings, provider_set(settings, piper)) as daemon:
-            async with open_websocket_url(url(daemon)) as one, open_websocket_url(url(daemon)) as two:
+            async with open_websocket_url(ws_url(daemon.port)) as one, open_websocket_url(ws_url(daemon.port)) as two:
                 heard_one, heard_two = Heard(), Heard()
                 await receive_until(one, heard_one, of_type("hello"))
                 await receive_until(two, heard_two, of_type("hello"))
@@ -75,7 +72,7 @@ async def test_audio_leaves_at_the_configured_rate_whatever_the_voice_rate():
     piper = RecordingPiper()
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, piper)) as daemon:
-            async with open_websocket_url(url(daemon)) as ws:
+            async with open_websocket_url(ws_url(daemon.port)) as ws:
                 heard = Heard()
                 await send(ws, type="tts", text="Resampled to twenty four kilohertz.", stream=True)
                 await receive_until(ws, heard, finished())
@@ -104,7 +101,7 @@ async def test_bad_input_gets_its_error_and_the_connection_still_speaks():
     provider = ScriptedProvider()
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, provider)) as daemon:
-            async with open_websocket_url(url(daemon)) as ws:
+            async with open_websocket_url(ws_url(daemon.port)) as ws:
                 heard = Heard()
                 await receive_until(ws, heard, of_type("hello"))
                 for raw, code in BAD_INPUT:
@@ -125,7 +122,7 @@ async def test_close_finishes_the_queue_then_everyone_hears_closed():
     provider.gate = trio.Event()
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, provider)) as daemon:
-            async with open_websocket_url(url(daemon)) as ws, open_websocket_url(url(daemon)) as other:
+            async with open_websocket_url(ws_url(daemon.port)) as ws, open_websocket_url(ws_url(daemon.port)) as other:
                 heard, heard_other = Heard(), Heard()
                 for text in ("One is speaking.", "Two is waiting.", "Three is waiting."):
                     await send(ws, type="send_message", text=text)
@@ -155,9 +152,9 @@ async def test_control_only_connection_gets_only_its_own_utterances():
     provider = ScriptedProvider()
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, provider)) as daemon:
-            async with open_websocket_url(url(daemon, "?subscribe=0")) as control, open_websocket_url(
-                url(daemon, "?subscribe=0")
-            ) as bystander, open_websocket_url(url(daemon)) as listener:
+            async with open_websocket_url(ws_url(daemon.port, "?subscribe=0")) as control, open_websocket_url(
+                ws_url(daemon.port, "?subscribe=0")
+            ) as bystander, open_websocket_url(ws_url(daemon.port)) as listener:
                 heard, heard_bystander, heard_listener = Heard(), Heard(), Heard()
                 await receive_until(bystander, heard_bystander, of_type("hello"))
                 await receive_until(listener, heard_listener, of_type("hello"))
@@ -180,6 +177,6 @@ async def test_bad_connection_options_are_refused_with_400(query):
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, ScriptedProvider())) as daemon:
             with pytest.raises(ConnectionRejected) as refused:
-                async with open_websocket_url(url(daemon, query)):
+                async with open_websocket_url(ws_url(daemon.port, query)):
                     pass
     assert refused.value.status_code == 400

@@ -20,7 +20,17 @@ from pipeline import protocol
 from pipeline.audio import ms_to_bytes
 from pipeline.config import Settings
 from pipeline.daemon import running_daemon
-from tests.support import Heard, ScriptedProvider, finished, of_type, provider_set, receive_until, send, tone
+from tests.support import (
+    Heard,
+    ScriptedProvider,
+    finished,
+    of_type,
+    provider_set,
+    receive_until,
+    send,
+    tone,
+    ws_url,
+)
 from tests.test_slow_subscribers import never_reading_client
 
 # Plain 200 ms chunks from the start, so chunk counts follow from the audio given.
@@ -41,10 +51,6 @@ class SteppedProvider(ScriptedProvider):
         async for pcm in self.pieces:
             self.produced += pcm
             yield pcm
-
-
-def url(daemon) -> str:
-    return f"ws://127.0.0.1:{daemon.port}/"
 
 
 async def read_one(ws, heard: Heard) -> None:
@@ -69,14 +75,14 @@ async def test_a_listener_joining_mid_utterance_gets_utterance_started_then_the_
     provider = SteppedProvider()
     with trio.fail_after(30):
         async with running_daemon(SETTINGS, provider_set(SETTINGS, provider)) as daemon:
-            async with open_websocket_url(url(daemon)) as early:
+            async with open_websocket_url(ws_url(daemon.port)) as early:
                 heard_early = Heard()
                 await receive_until(early, heard_early, of_type("hello"))
                 await send(early, type="send_message", text="A long story.")
                 # Three and a half chunks: three go out, half a chunk is held back.
                 await provider.pieces_send.send(tone(CHUNK_SAMPLES * 7 // 2))
                 await receive_chunks(early, heard_early, 3)
-                async with open_websocket_url(url(daemon)) as late:
+                async with open_websocket_url(ws_url(daemon.port)) as late:
                     heard_late = Heard()
                     await receive_until(late, heard_late, of_type("utterance_started"))
                     await provider.pieces_send.send(tone(CHUNK_SAMPLES * 3, value=5000))
@@ -96,7 +102,7 @@ async def test_listeners_coming_and_going_mid_utterance_change_nothing_for_the_r
     with trio.fail_after(60):
         async with running_daemon(SETTINGS, provider_set(SETTINGS, provider)) as daemon:
             async with AsyncExitStack() as stack:
-                stable = [await stack.enter_async_context(open_websocket_url(url(daemon))) for _ in range(10)]
+                stable = [await stack.enter_async_context(open_websocket_url(ws_url(daemon.port))) for _ in range(10)]
                 heard = [Heard() for _ in stable]
                 for ws, h in zip(stable, heard, strict=True):
                     await receive_until(ws, h, of_type("hello"))
@@ -106,9 +112,9 @@ async def test_listeners_coming_and_going_mid_utterance_change_nothing_for_the_r
                     # Between pieces: a visitor hears the start of a chunk stream and leaves;
                     # one sends a bad command and leaves before its answer; one drops its
                     # TCP connection without a close handshake.
-                    async with open_websocket_url(url(daemon)) as visitor:
+                    async with open_websocket_url(ws_url(daemon.port)) as visitor:
                         await receive_until(visitor, Heard(), of_type("utterance_started"))
-                    async with open_websocket_url(url(daemon)) as rude:
+                    async with open_websocket_url(ws_url(daemon.port)) as rude:
                         await rude.send_message('{"type": "dance"}')
                     abrupt = await never_reading_client(daemon.port)
                     await abrupt.aclose()

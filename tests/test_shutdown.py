@@ -33,11 +33,8 @@ from tests.support import (
     provider_set,
     receive_until,
     send,
+    ws_url,
 )
-
-
-def url(port: int, query: str = "") -> str:
-    return f"ws://127.0.0.1:{port}/{query}"
 
 
 async def until_closed(ws, heard: Heard) -> int:
@@ -99,8 +96,8 @@ async def test_shutdown_finishes_the_speaking_utterance_and_cancels_the_queued_o
     with trio.fail_after(20), capture_logs() as logs:
         async with trio.open_nursery() as nursery:
             daemon = await nursery.start(partial(serve, settings, provider_set(settings, voice), shutdown=stop.wait))
-            async with open_websocket_url(url(daemon.port)) as listener, open_websocket_url(
-                url(daemon.port, "?subscribe=0")
+            async with open_websocket_url(ws_url(daemon.port)) as listener, open_websocket_url(
+                ws_url(daemon.port, "?subscribe=0")
             ) as control:
                 await receive_until(listener, heard, of_type("hello"))
                 await send(control, type="send_message", text="One.")
@@ -112,7 +109,7 @@ async def test_shutdown_finishes_the_speaking_utterance_and_cancels_the_queued_o
                 stop.set()
                 await receive_until(listener, heard, finished("u2"))  # the queue is ended first
                 with pytest.raises(ConnectionRejected) as refused:
-                    async with open_websocket_url(url(daemon.port)):
+                    async with open_websocket_url(ws_url(daemon.port)):
                         pass
                 await send(control, type="send_message", text="Three.")
                 rejected = await receive_until(control, told, of_type("error"))
@@ -146,7 +143,7 @@ async def test_a_speaking_utterance_past_the_grace_is_cancelled():
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             daemon = await nursery.start(partial(serve, settings, provider_set(settings, voice), shutdown=stop.wait))
-            async with open_websocket_url(url(daemon.port)) as listener:
+            async with open_websocket_url(ws_url(daemon.port)) as listener:
                 await send(listener, type="send_message", text="One.")
                 await receive_until(listener, heard, of_type("utterance_started"))
                 stop.set()
@@ -190,7 +187,7 @@ async def test_sigterm_mid_utterance_delivers_the_rest_then_closes_with_1001_and
     heard = Heard()
     with trio.fail_after(60):
         async with serve_process("--shutdown-grace", str(GRACE_S)) as daemon, open_websocket_url(
-            url(daemon.port)
+            ws_url(daemon.port)
         ) as ws:
             await receive_until(ws, heard, of_type("hello"))
             await send(ws, type="send_message", text=long_text(150))
@@ -213,7 +210,7 @@ async def test_sigterm_mid_utterance_delivers_the_rest_then_closes_with_1001_and
 async def test_a_second_sigterm_stops_at_once():
     heard = Heard()
     with trio.fail_after(60):
-        async with serve_process("--shutdown-grace", "600") as daemon, open_websocket_url(url(daemon.port)) as ws:
+        async with serve_process("--shutdown-grace", "600") as daemon, open_websocket_url(ws_url(daemon.port)) as ws:
             # About 4000 characters: minutes of audio, far more than the test waits for.
             await send(ws, type="send_message", text=long_text(800))
             await receive_until(ws, heard, of_type("utterance_started"))

@@ -40,14 +40,11 @@ from tests.support import (
     provider_set,
     receive_until,
     send,
+    ws_url,
 )
 
 BASE = Settings(port=0, http_port=0, fallback=(), short_first_piece=False)
 REPLY = "The storm passed in the night. By morning the village was quiet again. Everyone came out to look."
-
-
-def url(port: int, query: str = "") -> str:
-    return f"ws://127.0.0.1:{port}/{query}"
 
 
 async def answer(ws, heard: Heard, **command) -> dict:
@@ -64,7 +61,7 @@ async def test_a_stream_is_spoken_as_it_arrives_and_ends_ok_on_text_end():
     voice = ScriptedProvider()
     heard = Heard()
     with trio.fail_after(20):
-        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(ws_url(daemon.port)) as ws:
             await receive_until(ws, heard, of_type("hello"))
             accepted = await answer(ws, heard, type="text_start", text="The storm passed ")
             utt = accepted["utterance_id"]
@@ -84,7 +81,7 @@ async def test_appends_to_unknown_ended_or_another_connections_stream_are_refuse
     heard, other_heard = Heard(), Heard()
     with trio.fail_after(20):
         async with running_daemon(BASE, provider_set(BASE, HeldVoice())) as daemon:
-            async with open_websocket_url(url(daemon.port)) as ws, open_websocket_url(url(daemon.port)) as other:
+            async with open_websocket_url(ws_url(daemon.port)) as ws, open_websocket_url(ws_url(daemon.port)) as other:
                 await receive_until(ws, heard, of_type("hello"))
                 await receive_until(other, other_heard, of_type("hello"))
                 utt = (await answer(ws, heard, type="text_start"))["utterance_id"]
@@ -99,9 +96,9 @@ async def test_a_stream_whose_connection_drops_ends_by_itself_and_the_queue_goes
     voice = ScriptedProvider()
     heard = Heard()
     with trio.fail_after(20):
-        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(url(daemon.port)) as listener:
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(ws_url(daemon.port)) as listener:
             await receive_until(listener, heard, of_type("hello"))
-            async with open_websocket_url(url(daemon.port, "?subscribe=0")) as writer:
+            async with open_websocket_url(ws_url(daemon.port, "?subscribe=0")) as writer:
                 await receive_until(writer, Heard(), of_type("hello"))
                 await send(writer, type="text_start", text="A whole sentence here. And half of")
                 await receive_until(writer, Heard(), of_type("accepted"))
@@ -120,7 +117,7 @@ async def test_two_streams_and_a_whole_text_are_spoken_in_fifo_order():
     heard = Heard()
     with trio.fail_after(20):
         async with running_daemon(BASE, provider_set(BASE, voice)) as daemon:
-            async with open_websocket_url(url(daemon.port)) as one, open_websocket_url(url(daemon.port, "?subscribe=0")) as two:
+            async with open_websocket_url(ws_url(daemon.port)) as one, open_websocket_url(ws_url(daemon.port, "?subscribe=0")) as two:
                 await receive_until(one, heard, of_type("hello"))
                 await receive_until(two, Heard(), of_type("hello"))
                 first = (await answer(one, heard, type="text_start", text="First stream, "))["utterance_id"]
@@ -136,7 +133,7 @@ async def test_two_streams_and_a_whole_text_are_spoken_in_fifo_order():
 async def test_cancel_during_a_stream_ends_it_and_later_appends_are_unknown():
     heard = Heard()
     with trio.fail_after(20):
-        async with running_daemon(BASE, provider_set(BASE, HeldVoice())) as daemon, open_websocket_url(url(daemon.port)) as ws:
+        async with running_daemon(BASE, provider_set(BASE, HeldVoice())) as daemon, open_websocket_url(ws_url(daemon.port)) as ws:
             await receive_until(ws, heard, of_type("hello"))
             utt = (await answer(ws, heard, type="text_start", text="Speaking now. "))["utterance_id"]
             await receive_until(ws, heard, of_type("utterance_started"))
@@ -154,7 +151,7 @@ async def test_past_max_stream_chars_an_append_is_refused_whole_and_the_stream_e
     part = "word " * 800  # 4000 characters
     with trio.fail_after(60):
         async with running_daemon(settings, provider_set(settings, voice)) as daemon:
-            async with open_websocket_url(url(daemon.port, "?subscribe=0")) as ws:
+            async with open_websocket_url(ws_url(daemon.port, "?subscribe=0")) as ws:
                 await receive_until(ws, heard, of_type("hello"))
                 utt = (await answer(ws, heard, type="text_start"))["utterance_id"]
                 for _ in range(25):  # exactly 100,000 characters
@@ -205,7 +202,7 @@ async def test_the_text_a_server_is_asked_to_speak_is_the_text_appended(cuts):
     with trio.fail_after(30):
         async with fake.running() as kokoros_url:
             settings = dataclasses.replace(BASE, provider="kokoros", kokoros_url=kokoros_url, short_first_piece=True)
-            async with running_daemon(settings) as daemon, open_websocket_url(url(daemon.port, "?subscribe=0")) as ws:
+            async with running_daemon(settings) as daemon, open_websocket_url(ws_url(daemon.port, "?subscribe=0")) as ws:
                 heard = Heard()
                 utt = (await answer(ws, heard, type="text_start"))["utterance_id"]
                 for part in parts:
@@ -225,7 +222,7 @@ async def test_say_stream_speaks_standard_input_as_it_arrives():
     with trio.fail_after(30):
         async with running_daemon(BASE, provider_set(BASE, voice)) as daemon:
             process = await trio.lowlevel.open_process(
-                [str(SPEECHCAST), "say", "--stream", "--url", url(daemon.port)],
+                [str(SPEECHCAST), "say", "--stream", "--url", ws_url(daemon.port)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )
             assert process.stdin is not None and process.stdout is not None
@@ -259,7 +256,7 @@ async def test_a_text_plain_body_is_spoken_while_it_arrives():
         sent_second.set()
 
     with trio.fail_after(30):
-        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(ws_url(daemon.port)) as ws:
             await receive_until(ws, heard, of_type("hello"))
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.http_port}") as http:
                 response = await http.post(
@@ -288,7 +285,7 @@ async def test_a_text_plain_body_is_answered_once_accepted_before_it_ends():
     voice = ScriptedProvider()
     heard = Heard()
     with trio.fail_after(30):
-        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+        async with running_daemon(BASE, provider_set(BASE, voice)) as daemon, open_websocket_url(ws_url(daemon.port)) as ws:
             await receive_until(ws, heard, of_type("hello"))
             stream = await trio.open_tcp_stream("127.0.0.1", daemon.http_port)
             await stream.send_all(
@@ -319,7 +316,7 @@ async def test_a_text_plain_body_refused_midway_ends_with_an_error_line_and_its_
         yield b"x" * 60  # past max_stream_chars: refused whole
 
     with trio.fail_after(30):
-        async with running_daemon(settings, provider_set(settings, voice)) as daemon, open_websocket_url(url(daemon.port)) as ws:
+        async with running_daemon(settings, provider_set(settings, voice)) as daemon, open_websocket_url(ws_url(daemon.port)) as ws:
             await receive_until(ws, heard, of_type("hello"))
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{daemon.http_port}") as http:
                 response = await http.post("/v1/speak?voice=scripted", content=body(), headers={"Content-Type": "text/plain"})
