@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import ipaddress
 import tomllib
 import urllib.parse
@@ -60,6 +61,10 @@ def _one_of(*choices: str) -> Callable[[str], str | None]:
     return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
 
 
+# What the `broker` extra installs (setup.cfg); a daemon alone never imports them.
+BROKER_MODULES = ("redis", "typeguard")
+
+
 def _non_empty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
@@ -69,8 +74,12 @@ def _url(v: str) -> str | None:
 
 
 def _broker_url(v: str) -> str | None:
-    ok = v.startswith(("redis://", "rediss://", "unix://"))
-    return None if ok else "must be a Redis URL: redis://HOST:PORT/DB (or rediss:// or unix://)"
+    if not v.startswith(("redis://", "rediss://", "unix://")):
+        return "must be a Redis URL: redis://HOST:PORT/DB (or rediss:// or unix://)"
+    missing = [name for name in BROKER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"needs {' and '.join(missing)}, which this install lacks: pip install 'speechcast[broker]'"
+    return None
 
 
 def _chunk_steps(v: list[str]) -> str | None:

@@ -151,6 +151,19 @@ def test_the_broker_setting_takes_a_redis_url_and_never_shows_its_password():
         load_settings({"speaker_lease_s": "0"}, {})
 
 
+def test_a_broker_without_the_redis_client_installed_is_a_clear_config_error(monkeypatch, capsys):
+    # As after `pip install speechcast` without the `broker` extra.
+    import importlib.util
+
+    from pipeline.cli import EXIT_CONFIG, main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a))
+    assert main(["serve", "--broker", "redis://127.0.0.1:6379/0"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "broker" in err and "pip install 'speechcast[broker]'" in err and "Traceback" not in err
+
+
 # ---------------------------------------------------------------- what a broken or foreign writer leaves
 
 json_values = st.recursive(
