@@ -27,7 +27,6 @@ import asyncio
 import atexit
 import multiprocessing
 import os
-import platform
 import resource
 import shutil
 import struct
@@ -42,6 +41,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from bench import fanout_servers
+from bench.machine import describe
 
 COUNTS = (100, 500, 1000, 2000)
 OPUS_COUNTS = (1000, 2000)
@@ -234,9 +234,8 @@ def capacity(results: list[RunResult]) -> int:
 
 
 def print_table(results: list[RunResult], rate: float, frames: int) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"\nfan-out: {frames} chunks of {fanout_servers.CHUNK_MS} ms ({fanout_servers.CHUNK_BYTES + 53} bytes) "
-          f"at {rate:g}/s per subscriber; {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
+          f"at {rate:g}/s per subscriber; {describe()}")
     print("lag = chunk due to be broadcast -> received; cpu = % of one core while streaming\n")
     by_key = {(r.server, r.subscribers): r for r in results}
     print_opus(by_key)

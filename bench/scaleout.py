@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -31,6 +29,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 
 from bench import fanout_servers
+from bench.machine import describe
 from bench.fanout import (
     CONNECT_PARALLEL,
     SETTLE_SECONDS,
@@ -167,9 +166,8 @@ def run(setup: Setup, frames: int, rate: float) -> Setup:
 
 
 def print_table(results: list[Setup], frames: int, rate: float) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     print(f"\nscale-out: {frames} chunks of {fanout_servers.CHUNK_MS} ms at {rate:g}/s; "
-          f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}")
+          f"{describe()}")
     print("lag = chunk due -> received; cpu = % of one core while streaming; broker = Redis bytes in+out per s of speech\n")
     header = (f"{'setup':<24} | {'p50':>7} {'p99':>7} {'lost':>5} {'slow':>4} | {'cpu per daemon':<20} "
               f"{'redis':>6} | {'broker/s speech':>15} | {'client':>6}")

@@ -24,8 +24,6 @@ healthy subscribers, 0 invariant violations, exit code 0 after SIGTERM. The exit
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import signal
 import sys
@@ -38,6 +36,7 @@ import httpx
 import trio
 
 from bench import soak_clients, soak_faults
+from bench.machine import describe
 from bench.soak_clients import Control, Ledger
 from bench.soak_daemon import DaemonProcess, daemon_process
 
@@ -301,7 +300,7 @@ def print_table(run: Run, args: argparse.Namespace) -> None:
     chunks = sorted({c.chunks for c in ledger.checkers})
     mib = lambda k: f"{k / 1024:.1f} MiB"  # noqa: E731
     rows = [
-        ("machine", f"{os.cpu_count()} CPUs, {cpu_model()}, Python {platform.python_version()}"),
+        ("machine", describe()),
         ("run", f"{args.minutes:g} min of load, warm-up {args.warmup:g} s, seed {args.seed}, "
                 f"{args.healthy} healthy subscribers, {args.controls} control connections"),
         ("daemon RSS start / idle after warm-up / idle at end / max",
@@ -345,15 +344,6 @@ def _counts(counter) -> str:
     return ", ".join(f"{k} {n}" for k, n in sorted(counter.items(), key=lambda kv: -kv[1]))
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import time
@@ -33,7 +31,8 @@ from dataclasses import dataclass
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from bench.ttfa import SPEECHCAST, _cpu_model, _drain, _started_port, percentile
+from bench.machine import describe
+from bench.ttfa import SPEECHCAST, _drain, _started_port, percentile
 from pipeline.audio import pcm_ms, read_wav
 from pipeline.protocol import decode_voice_frame
 from pipeline.stream_text import StreamSegmenter
@@ -178,8 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv or [])
     results, piper, piece = trio.run(measure, args.runs)
     completing, _ = first_piece_token()
-    print(f"Streamed text over {args.runs} runs per rate — nproc {os.cpu_count()}, {_cpu_model()}, "
-          f"{platform.machine()}, Python {platform.python_version()}")
+    print(f"Streamed text over {args.runs} runs per rate — {describe()}")
     print(f"reply: {len(TOKENS)} word tokens; first piece {piece!r} completed by token "
           f"{completing + 1}; Piper alone = PiperProvider worker pool in this process\n")
     p_alone50, p_alone95 = statistics.median(piper), percentile(piper, 0.95)

@@ -17,7 +17,8 @@ import time
 import trio
 from trio_websocket import open_websocket_url
 
-from bench.ttfa import FIVE, SPEECHCAST, _cpu_model, _drain, _started_port
+from bench.machine import describe
+from bench.ttfa import FIVE, SPEECHCAST, _drain, _started_port
 
 UTTERANCES = 8
 WORKERS = (1, 2)
@@ -63,7 +64,7 @@ async def _speak_all(ws, texts: list[str]) -> float:
 
 
 def main() -> None:
-    print(f"Throughput, {UTTERANCES} five-sentence utterances back to back — {_cpu_model()}\n")
+    print(f"Throughput, {UTTERANCES} five-sentence utterances back to back — {describe()}\n")
     print(f"| {'Piper workers':<14} | {'utterances/min':>14} | {'audio s per s':>13} |")
     print(f"|{'-' * 16}|{'-' * 16}|{'-' * 15}|")
     for workers in WORKERS:

@@ -16,7 +16,6 @@ worker pool (how it runs now), runs interleaved so that load on the machine hits
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import trio
 from trio_websocket import open_websocket_url
+
+from bench.machine import describe
 
 RUNS = 20
 FIRST = "When the storm finally passed, the people of the little village came out of their houses to look at the damage."
@@ -168,8 +169,7 @@ def main() -> None:
         ("Piper alone, first audio of the 5-sentence text", piper["whole_text"]),
         ("Piper alone, the daemon's first piece (context)", piper["first_piece"]),
     ]
-    print(f"TTFA over {RUNS} runs each — {platform.processor() or platform.machine()}, "
-          f"{_cpu_model()}, Python {platform.python_version()}")
+    print(f"TTFA over {RUNS} runs each — {describe()}")
     print(f"first sentence: {len(FIRST.split())} words\n")
     print(f"| {'measurement':<48} | {'p50 ms':>7} | {'p95 ms':>7} |")
     print(f"|{'-' * 50}|{'-' * 9}|{'-' * 9}|")
@@ -199,16 +199,6 @@ def main() -> None:
             after = percentile(before_after[f"worker_{label}"], q)
             before = percentile(before_after[f"thread_{label}"], q)
             print(f"| {f'{name} ({qname})':<48} | {after / before:7.2f} | {'<= 1.05':>7} |")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({len(__import__('os').sched_getaffinity(0))} cores)"
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
