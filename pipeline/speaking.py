@@ -269,6 +269,8 @@ class _Run:
         return True, None
 
     async def _ensure_resampler(self, name: TTSProvider) -> None:
+        """A resampler from `name`'s rate (the previous provider's is flushed first), and
+        the utterance's clock told where its output begins."""
         if self.resampler_provider != name:
             await self._flush()
             rate = self.speaker.providers.get(name).sample_rate
@@ -277,8 +279,8 @@ class _Run:
             self.segment_origin, self.in_fed = self.out_samples, 0
 
     async def _send_pcm(self, name: TTSProvider, pcm: bytes) -> None:
-        await self._ensure_resampler(name)
-        assert self.resampler is not None
+        """Resample and emit `pcm` (through the resampler `_ensure_resampler(name)` made)."""
+        assert self.resampler is not None and self.resampler_provider == name
         self.in_fed += len(pcm) // 2
         await self._emit_audio(self.resampler.feed(pcm), name)
 
