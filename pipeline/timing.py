@@ -3,7 +3,7 @@
 A provider that knows its timings (the embedded voice, pipeline/providers/piper_align.py)
 yields a `PieceTiming` before a piece's audio: word spans and visemes in its own samples,
 from the piece's first sample. For a provider that does not, `Estimate` spreads the piece's
-words over its audio in proportion to their characters, as the audio arrives. `Timeline`
+words over its audio in proportion to their characters, once that audio has all arrived. `Timeline`
 places both on the utterance's clock (output samples from its first sample: seams between
 pieces, resampling and failover included) and keeps words strictly ordered and visemes
 contiguous. The chunker then sends each item just before the chunk in which it begins.
@@ -19,6 +19,7 @@ abbreviation the voice reads as several words ("$29.99", "e.g.") stays one item.
 
 from __future__ import annotations
 
+import itertools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -134,8 +135,8 @@ class Estimate:
         """The words spread over `total` samples in proportion to their weights."""
         placed: list[tuple[int, int, int]] = []
         whole, start = sum(self.weights), 0
-        for k in range(len(self.words) if total > 0 else 0):
-            end = round(total * sum(self.weights[: k + 1]) / whole)
+        for k, upto in enumerate(itertools.accumulate(self.weights) if total > 0 else ()):
+            end = round(total * upto / whole)
             placed.append((k, start, max(end, start + 1)))
             start = max(end, start + 1)
         return self._timing(placed)
