@@ -5,7 +5,6 @@ print the effective configuration.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import codecs
 import gc
 import json
@@ -347,10 +346,9 @@ async def listen(args: argparse.Namespace) -> int:
 
 def _print_words(event: Words) -> None:
     """One line per word: its start and end (seconds from the utterance's first sample)."""
+    mark = " ~" if event.estimated else ""
     for word in event.words:
-        item = word if isinstance(word, dict) else dataclasses.asdict(word)
-        mark = " ~" if event.estimated else ""
-        print(f"{item['start_ms'] / 1000:7.3f} {item['end_ms'] / 1000:7.3f}  {item['word']}{mark}", flush=True)
+        print(f"{word.start_ms / 1000:7.3f} {word.end_ms / 1000:7.3f}  {word.word}{mark}", flush=True)
 
 
 class _Recording:

@@ -32,7 +32,9 @@ from pipeline.events import (
     UtteranceFinished,
     UtteranceStarted,
     Visemes,
+    VisemeTime,
     Words,
+    WordTime,
 )
 from pipeline.session import SessionState
 
@@ -99,6 +101,8 @@ def render(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> s
 _EVENT_CLASSES: Final[dict[str, type]] = {name: cls for cls, name in EVENT_TYPES.items()}
 # Fields whose JSON string becomes an enum member (an unknown value stays the plain string).
 _ENUM_FIELDS: Final[dict[str, type]] = {"code": ErrorCode, "status": Status, "session": SessionState}
+# List fields whose items are objects of their own (`words`, `visemes`: DESIGN.md section 11).
+_ITEM_FIELDS: Final[dict[str, type]] = {"words": WordTime, "visemes": VisemeTime}
 
 
 def decode_event(text: str) -> ServerEvent | None:
@@ -118,6 +122,8 @@ def decode_event(text: str) -> ServerEvent | None:
             if spec.name in _ENUM_FIELDS:
                 with contextlib.suppress(ValueError):
                     value = _ENUM_FIELDS[spec.name](value)
+            if spec.name in _ITEM_FIELDS and isinstance(value, list):
+                value = [_ITEM_FIELDS[spec.name](**item) for item in value]
             fields[spec.name] = tuple(value) if isinstance(value, list) else value
     event: ServerEvent = cls(**fields)
     return event

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from pipeline import client_input, events, protocol
 from pipeline.audio import read_wav, wav_bytes
+from pipeline.visemes import VISEMES
 from pipeline.commands import (
     Cancel,
     Close,
@@ -183,6 +184,7 @@ def test_wav_chunks_carry_exact_sizes(pcm, rate):
 # ---------------------------------------------------------------- events: one renderer, read back
 
 _IDS = st.text(min_size=1, max_size=12)
+_MS = st.integers(0, 10**7)
 _EVENTS = st.one_of(
     st.builds(events.Hello, st.sampled_from(list(SessionState)), st.sampled_from(protocol.PROVIDER_NAMES)),
     st.builds(events.Ready, st.sampled_from(protocol.PROVIDER_NAMES)),
@@ -199,6 +201,14 @@ _EVENTS = st.one_of(
     ),
     st.builds(events.Cancelled, st.lists(_IDS, max_size=3).map(tuple)),
     st.just(events.Closed()),
+    st.builds(
+        events.Words, _IDS,
+        st.lists(st.builds(events.WordTime, st.text(max_size=8), _MS, _MS, _MS), max_size=3).map(tuple), st.booleans(),
+    ),
+    st.builds(
+        events.Visemes, _IDS,
+        st.lists(st.builds(events.VisemeTime, st.sampled_from(VISEMES), _MS, _MS), max_size=3).map(tuple), st.booleans(),
+    ),
 )  # fmt: skip
 
 
