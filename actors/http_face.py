@@ -274,7 +274,7 @@ class HttpFace:
             return _refuse(400, e.code, e.message)
         reply = await self._submit(command, received_at)
         if isinstance(reply, Accepted):
-            return JSONResponse({"utterance_id": reply.utterance_id, "position": reply.position}, 202)
+            return JSONResponse(protocol.accepted_body(reply), 202)
         status = STATUS_BY_CODE.get(reply.code, 400) if isinstance(reply, ErrorEvent) else 500
         headers = {"Retry-After": "1"} if status == 429 else None
         return JSONResponse(protocol.as_dict(reply), status, headers=headers)

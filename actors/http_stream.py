@@ -87,9 +87,9 @@ class StreamedSpeech(Response):
         self.answers = answers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        accepted = {"utterance_id": self.accepted.utterance_id, "position": self.accepted.position, "streaming": True}
+        accepted = json.dumps(protocol.accepted_body(self.accepted), separators=(",", ":")).encode() + b"\n"
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": _line(accepted), "more_body": True})
+        await send({"type": "http.response.body", "body": accepted, "more_body": True})
         refused = await self._speak_body(receive)
         last = b"" if refused is None else protocol.render(refused).encode() + b"\n"
         await send({"type": "http.response.body", "body": last, "more_body": False})
@@ -154,10 +154,6 @@ def _refusal(answers: trio.MemoryReceiveChannel[ServerEvent]) -> ErrorEvent | No
     except trio.WouldBlock:
         return None
     return answer if isinstance(answer, ErrorEvent) else None
-
-
-def _line(answer: Mapping[str, object]) -> bytes:
-    return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
 
 
 def _error(event: ErrorEvent, status_by_code: Mapping[str, int]) -> Response:

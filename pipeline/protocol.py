@@ -91,6 +91,13 @@ def as_dict(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> 
     return fields
 
 
+def accepted_body(event: Accepted) -> dict[str, Any]:
+    """The body of `POST /v1/speak`'s 202: the `accepted` event without its `type`."""
+    fields = as_dict(event)
+    del fields["type"]
+    return fields
+
+
 def render(event: ServerEvent, audio_format: AudioFormat = AudioFormat.WAV) -> str:
     """The event's text frame."""
     return json.dumps(as_dict(event, audio_format), separators=(",", ":"))
