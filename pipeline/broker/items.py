@@ -4,7 +4,9 @@ that request). Everything else crossing the broker is a pipeline/flow.py value a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 
 from pipeline.commands import Command, TTSProvider
 from pipeline.events import ServerEvent
@@ -49,3 +51,13 @@ class Queued:
     provider: TTSProvider | None
     owner: int | None
     received_at: float
+
+
+_UTTERANCE_NUMBER: Final = re.compile(r"u(\d+)", re.ASCII)
+
+
+def utterance_number(utterance_id: str) -> int | None:
+    """The n of an utterance id `u<n>` (the router's), which a next speaker continues
+    after; None for any other id."""
+    match = _UTTERANCE_NUMBER.fullmatch(utterance_id)
+    return int(match.group(1)) if match else None

@@ -9,10 +9,9 @@ a daemon still knows when the broker itself was restarted empty.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-from pipeline.broker.items import HttpAnswer, Queued
+from pipeline.broker.items import HttpAnswer, Queued, utterance_number
 from pipeline.events import Accepted, UtteranceFinished
 from pipeline.flow import (
     Broadcast,
@@ -22,9 +21,6 @@ from pipeline.flow import (
     SessionStatus,
     StartNotice,
 )
-
-_NUMBER = re.compile(r"u(\d+)$")
-
 
 @dataclass
 class OpenUtterance:
@@ -76,6 +72,6 @@ class ClusterView:
         utt = self.open.get(utt_id)
         if utt is None:
             utt = self.open[utt_id] = OpenUtterance(utt_id, owner)
-        if (number := _NUMBER.match(utt_id)) is not None:
-            self.last_utterance = max(self.last_utterance, int(number.group(1)))
+        if (number := utterance_number(utt_id)) is not None:
+            self.last_utterance = max(self.last_utterance, number)
         return utt

@@ -175,8 +175,8 @@ def state_change(item: object) -> list[bytes | str]:
         case flow.Frame(chunk_id=chunk_id):
             return ["chunk", str(chunk_id)]
         case flow.Reply(event=events.Accepted(utterance_id=utt_id)) | items.HttpAnswer(event=events.Accepted(utterance_id=utt_id)):
-            number = utt_id.removeprefix("u")
-            return ["utterance", number] if number.isdigit() else []
+            number = items.utterance_number(utt_id)
+            return [] if number is None else ["utterance", str(number)]
         case flow.SessionStatus(state=state, provider=provider):
             return ["session", state.value, "provider", provider.value]
     return []
