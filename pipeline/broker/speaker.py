@@ -193,11 +193,7 @@ class SpeakerTerm:
     async def _read_commands(self, commands: trio.MemorySendChannel[Envelope | Shutdown], cursor: bytes) -> None:
         async with commands:
             while True:
-                try:
-                    answer = await self.link.call(self.link.redis.xread, {COMMANDS_KEY: cursor}, count=100, block=BLOCK_MS)
-                except BrokerDown:
-                    await trio.sleep(RETRY_S)
-                    continue
+                answer = await self._retrying(self.link.redis.xread, {COMMANDS_KEY: cursor}, count=100, block=BLOCK_MS)
                 for _stream, entries in answer or ():
                     for entry_id, fields in entries:
                         cursor = entry_id
@@ -286,6 +282,7 @@ class SpeakerTerm:
             return result
 
     async def _retrying(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn`'s answer from the broker, asked again every RETRY_S while it is unreachable."""
         while True:
             try:
                 return await self.link.call(fn, *args, **kwargs)
