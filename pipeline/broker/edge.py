@@ -29,7 +29,6 @@ from pipeline.broker.link import (
     BrokerLink,
 )
 from pipeline.broker.view import ClusterView
-from pipeline.commands import TTSProvider
 from pipeline.events import ErrorCode, ErrorEvent, ServerEvent
 from pipeline.flow import Envelope, Outgoing, Reply
 
@@ -136,13 +135,11 @@ class OutputReader:
         outbox: trio.MemorySendChannel[Outgoing],
         view: ClusterView,
         forwarder: CommandForwarder,
-        provider: TTSProvider,
     ) -> None:
         self.link = link
         self.outbox = outbox
         self.view = view
         self.forwarder = forwarder
-        self.provider = provider
         self.last_id: bytes | None = None  # None until the broker first answers
         self._progress = trio.Event()  # set (and replaced) after each batch
 

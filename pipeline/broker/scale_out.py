@@ -20,7 +20,6 @@ from pipeline.broker.lease import SpeakerLease
 from pipeline.broker.link import BrokerLink
 from pipeline.broker.speaker import SpeakerTerm
 from pipeline.broker.view import ClusterView
-from pipeline.commands import TTSProvider
 from pipeline.config import Settings
 from pipeline.flow import Envelope, Outgoing, Shutdown
 from pipeline.metrics import Metrics
@@ -64,7 +63,7 @@ class ScaleOut:
         self.view = ClusterView()
         self.lease = SpeakerLease(self.link, settings.speaker_lease_s)
         self.forwarder = CommandForwarder(self.link, outbox, self.conn_id_base)
-        self.reader = OutputReader(self.link, outbox, self.view, self.forwarder, TTSProvider(settings.provider))
+        self.reader = OutputReader(self.link, outbox, self.view, self.forwarder)
         self.term: SpeakerTerm | None = None
         self._reader_scope = trio.CancelScope()
         metrics.speaker.set(0)
