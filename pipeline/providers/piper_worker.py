@@ -1,6 +1,7 @@
 """The embedded voice's side of the worker processes: what runs inside a `trio-parallel`
 worker, never in the daemon. `start` (the worker's init) bounds the process's memory and
-loads the voice once; `speak` turns one piece of text into s16le PCM at 22050 Hz.
+loads the voice once; `speak_timed` turns one piece of text into s16le PCM at 22050 Hz and
+its word and viseme timings.
 
 Only the standard library, numpy, piper and the timing helpers (pipeline.timing,
 pipeline.visemes, piper_align: standard library only) are imported here: the daemon pickles these
@@ -99,11 +100,6 @@ def retire() -> bool:
 def ping() -> int:
     """A job that only proves the worker has finished `start` (used to pre-warm)."""
     return 1
-
-
-def speak(text: str, length_scale: float) -> list[bytes]:
-    """The audio of `text`, one s16le block per sentence Piper finds (edges trimmed)."""
-    return speak_timed(text, length_scale)[0]
 
 
 def speak_timed(text: str, length_scale: float) -> tuple[list[bytes], PieceTiming | None]:
