@@ -257,19 +257,19 @@ async def test_when_the_speaker_is_killed_midway_another_takes_over_and_nothing_
                 after = (await sender.until("accepted", 4))["utterance_id"]
                 spoken = await listener.until("utterance_finished", utterance_id=after)
                 info = await successor.info()
-    took = logged_at(elected) - killed_at
-    print(f"speaker killed: {successor.http} speaker after {took:.2f} s (bound {LEASE_S + 1} s)")
-    assert took <= LEASE_S + 1
-    assert info["role"] == "speaker"
-    assert cut["status"] == "partial" and cut["chunks"] == heard_before
-    # The queued text, none of it heard, was spoken whole by the next speaker.
-    assert requeued["status"] == "ok" and requeued["chunks"] > 0
-    assert meanwhile["status"] == "ok" and spoken["status"] == "ok" and spoken["chunks"] > 0
-    assert len({speaking, queued, waited, after}) == 4
-    ids = chunk_ids(listener.frames())
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # ids never go back
-    errors = [e for e in listener.events("error") if e.get("utterance_id") in (speaking, queued)]
-    assert [e["utterance_id"] for e in errors] == [speaking]  # why it was cut off
+            took = logged_at(elected) - killed_at
+            print(f"speaker killed: {successor.http} speaker after {took:.2f} s (bound {LEASE_S + 1} s)")
+            assert took <= LEASE_S + 1
+            assert info["role"] == "speaker"
+            assert cut["status"] == "partial" and cut["chunks"] == heard_before
+            # The queued text, none of it heard, was spoken whole by the next speaker.
+            assert requeued["status"] == "ok" and requeued["chunks"] > 0, (requeued, listener.events("error"))
+            assert meanwhile["status"] == "ok" and spoken["status"] == "ok" and spoken["chunks"] > 0
+            assert len({speaking, queued, waited, after}) == 4
+            ids = chunk_ids(listener.frames())
+            assert ids == sorted(ids) and len(set(ids)) == len(ids)  # ids never go back
+            errors = [e for e in listener.events("error") if e.get("utterance_id") in (speaking, queued)]
+            assert [e["utterance_id"] for e in errors] == [speaking]  # why it was cut off
 
 
 async def test_killing_a_daemon_that_is_not_the_speaker_costs_the_others_nothing():
