@@ -90,7 +90,7 @@ class Router:
         and provider its predecessor published, kept instead of opening a fresh session;
         `first_utterance`, the number after the last utterance id handed out; `requeue`,
         utterances its predecessor accepted and never began, queued first; `on_queued`,
-        told of each whole text queued, before it can begin."""
+        told of each whole text accepted, before its sender is answered."""
         self.settings = settings
         self.providers = providers
         self.commands = commands
@@ -219,12 +219,14 @@ class Router:
         )
         position = len(self.queue)
         log.info("utterance.accepted", utterance_id=utt.id, chars=len(command.text), position=position, streaming=streaming)
+        if stream is None and self.on_queued is not None:
+            # Before the answer: whoever is told `accepted` can count on the text being
+            # known to a next speaker (its record is published ahead of the answer).
+            await self.on_queued(utt)
         await self._answer(asker, Accepted(utt.id, position, streaming=streaming))
         if stream is not None:
             self.streams.open(utt.id, asker.conn_id, stream)
             stream.append(command.text, now=asker.received_at)
-        elif self.on_queued is not None:
-            await self.on_queued(utt)
         self.queue.put(utt)
 
     async def _open_stream(self, asker: Envelope, utt_id: str) -> TextStream | None:

@@ -206,3 +206,32 @@ async def test_close_then_send_is_not_initialized_until_initialize(nursery):
     await r.next(event=Ready)
     await r.send(SendMessage("Hello again."))
     assert (await r.next(UtteranceEnd)).status == "ok"
+
+
+async def test_a_queued_text_is_reported_before_its_sender_is_told_accepted(nursery):
+    # With a broker, on_queued publishes the text for a next speaker: a sender told
+    # `accepted` must be able to count on it, even if this speaker dies right after.
+    speech_send, speech = trio.open_memory_channel(1000)
+    commands, commands_recv = trio.open_memory_channel(100)
+    answered_before: list[bool] = []
+    called = trio.Event()
+
+    async def on_queued(utt) -> None:
+        pending = []
+        while True:
+            try:
+                pending.append(speech.receive_nowait())
+            except trio.WouldBlock:
+                break
+        answered_before.append(any(isinstance(i, Reply) and isinstance(i.event, Accepted) for i in pending))
+        called.set()
+
+    router = Router(SETTINGS, provider_set(SETTINGS, ScriptedProvider()), commands_recv, speech_send, on_queued=on_queued)
+    await nursery.start(router.run)
+    await commands.send(Envelope(1, SendMessage("Remember me."), trio.current_time()))
+    with trio.fail_after(60):
+        await called.wait()
+    assert answered_before == [False]
+    with trio.fail_after(60):  # and the answer follows
+        while not (isinstance(item := await speech.receive(), Reply) and isinstance(item.event, Accepted)):
+            pass

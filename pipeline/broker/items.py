@@ -41,8 +41,9 @@ class HttpAnswer:
 
 @dataclass(frozen=True)
 class Queued:
-    """A whole text the speaker queued (published just after its `accepted`): what the
-    next speaker needs to speak it, should this one die before it begins."""
+    """A whole text the speaker queued: what the next speaker needs to speak it, should
+    this one die before it begins. Published before its `accepted`, so a sender that was
+    told `accepted` can count on it."""
 
     utterance_id: str
     text: str
